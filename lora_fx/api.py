@@ -1,0 +1,67 @@
+"""``lorafy``: capture a model, match rules, and insert LoRA branches as graph rewrites.
+
+Example::
+
+    import lora_fx
+    lm = lora_fx.lorafy(model, lora_fx.Rule(["q_proj", "v_proj"], r=8, alpha=16),
+                        example_inputs=(input_ids,))
+    print(lm.report())
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from .capture import capture
+from .model import LoraModel
+from .rules import RuleLike, as_ruleset
+from .store import check_adapter_name
+
+
+def lorafy(
+    model: nn.Module,
+    rules: RuleLike,
+    *,
+    example_inputs: tuple = (),
+    example_kwargs: dict[str, Any] | None = None,
+    adapter_name: str = "default",
+    autocast_adapter_dtype: bool = True,
+) -> LoraModel:
+    """Add LoRA to ``model``'s layers that ``rules`` select: ``y = W x + s · B A dropout(x)``.
+
+    ``rules``: a Rule, a string, a sequence of them, or a ``peft.LoraConfig``. With ``example_inputs`` /
+    ``example_kwargs`` the model is captured with ``torch.export`` (needed for Hugging Face models),
+    otherwise with ``torch.fx.symbolic_trace``. The graph shares the model's parameters; base parameters
+    are frozen (``requires_grad=False``), as PEFT does. fp16/bf16 base weights get float32 adapters unless
+    ``autocast_adapter_dtype=False``.
+    """
+    ruleset = as_ruleset(rules)
+    check_adapter_name(adapter_name)
+    lm = LoraModel(capture(model, example_inputs, example_kwargs))
+    lm.add_adapter(adapter_name, ruleset, autocast_adapter_dtype=autocast_adapter_dtype)
+    return lm
+
+
+def from_peft(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    example_inputs: tuple = (),
+    example_kwargs: dict[str, Any] | None = None,
+    adapter_name: str = "default",
+    allow_pickle: bool = False,
+) -> LoraModel:
+    """Capture ``model`` and load the PEFT adapter directory ``path`` into it (config and weights).
+
+    Example::
+
+        lm = lora_fx.from_peft(AutoModelForCausalLM.from_pretrained(base), "my-adapter",
+                               example_inputs=(input_ids,))
+    """
+    check_adapter_name(adapter_name)
+    lm = LoraModel(capture(model, example_inputs, example_kwargs))
+    lm.load_adapter(path, adapter_name, allow_pickle=allow_pickle)
+    return lm

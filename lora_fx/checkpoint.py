@@ -1,0 +1,161 @@
+"""Adapter checkpoints in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor names are PEFT's: ``base_model.model.<key>.lora_A.weight`` / ``.lora_B.weight`` (embedding:
+``.lora_embedding_A`` / ``.lora_embedding_B``). An adapter other than ``default`` lives in ``<dir>/<name>/``,
+as PEFT saves it. Files are written to a temporary name and renamed, so a crash never leaves half a file.
+
+Example::
+
+    lm.save_pretrained("out")                       # PeftModel.from_pretrained(model, "out") reads it
+    lm2 = lora_fx.from_peft(model, "out", example_inputs=(ids,))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError, preview
+from .store import LoraUnit
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+def tensor_names(unit: LoraUnit) -> tuple[str, str]:
+    """PEFT's tensor names of (A, B) for ``unit``."""
+    if unit.kind == "embedding":
+        return f"{PREFIX}{unit.key}.lora_embedding_A", f"{PREFIX}{unit.key}.lora_embedding_B"
+    return f"{PREFIX}{unit.key}.lora_A.weight", f"{PREFIX}{unit.key}.lora_B.weight"
+
+
+def adapter_dir(path: str | os.PathLike, adapter_name: str) -> Path:
+    return Path(path) if adapter_name == "default" else Path(path) / adapter_name
+
+
+def peft_config_dict(units: list[LoraUnit], fan_in_fan_out: bool, base_model: str | None) -> dict[str, Any]:
+    """A LoraConfig dict that makes PEFT build exactly these units (per-key r/alpha as patterns)."""
+    r = Counter(u.r for u in units).most_common(1)[0][0]
+    alpha = Counter(u.alpha for u in units).most_common(1)[0][0]
+    dropouts = Counter(u.dropout_p for u in units)
+    if len(dropouts) > 1:
+        warnings.warn(f"PEFT has one lora_dropout per adapter; saving the most common of {sorted(dropouts)}.",
+                      stacklevel=3)
+    rslora = {u.use_rslora for u in units}
+    if len(rslora) > 1:
+        raise CheckpointError("PEFT cannot express an adapter that mixes use_rslora=True and False across keys; "
+                              "save the two groups as separate adapters.")
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "inference_mode": True,
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.most_common(1)[0][0],
+        "target_modules": sorted(u.key for u in units), "exclude_modules": None,
+        "rank_pattern": {u.key: u.r for u in units if u.r != r},
+        "alpha_pattern": {u.key: u.alpha for u in units if u.alpha != alpha},
+        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": rslora.pop(), "use_dora": False,
+        "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+        "lora_bias": False,
+    }
+
+
+def save_adapter(directory: Path, units: list[LoraUnit], config: dict[str, Any]) -> None:
+    """Write one adapter's tensors and config into ``directory`` (created if needed), atomically per file."""
+    tensors = {}
+    for unit in units:
+        name_a, name_b = tensor_names(unit)
+        tensors[name_a] = unit.lora_A.detach().to("cpu").contiguous()
+        tensors[name_b] = unit.lora_B.detach().to("cpu").contiguous()
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME,
+                  lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: an adapter directory needs {CONFIG_NAME} (and {WEIGHTS_NAME}).")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-save the adapter.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}.")
+    return config
+
+
+def read_tensors(directory: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-save the adapter.") from None
+    pickled = directory / PICKLE_NAME
+    if pickled.is_file():
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{pickled} is a pickle, which can run code when loaded; lora_fx reads safetensors only. "
+                "Convert it to adapter_model.safetensors, or pass allow_pickle=True if you trust the file."
+            )
+        try:
+            return torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{pickled} could not be loaded ({e}).") from None
+    raise CheckpointError(f"{path} not found: the adapter directory has no {WEIGHTS_NAME}.")
+
+
+def strip_adapter_name(tensors: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+    """Accept ``...lora_A.<name>.weight`` (a PEFT state_dict saved by hand) as ``...lora_A.weight``."""
+    out = {}
+    for k, v in tensors.items():
+        for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+            k = k.replace(f".{part}.{adapter_name}.", f".{part}.").replace(f".{part}.{adapter_name}", f".{part}")
+        out[k] = v
+    return out
+
+
+def check_and_copy(units: list[LoraUnit], tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Verify that ``tensors`` hold exactly the units' tensors with the right shapes, then copy them in."""
+    expected = {}
+    for unit in units:
+        name_a, name_b = tensor_names(unit)
+        expected[name_a], expected[name_b] = unit.lora_A, unit.lora_B
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors {preview(missing, 4)}; the checkpoint does not fit "
+                              "this model (was it saved for another model or config?).")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensors {preview(unexpected, 4)} that no target of this "
+                              "model uses; the checkpoint was saved for another model or config.")
+    for name, param in expected.items():
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the model "
+                                  f"needs {tuple(param.shape)} (rank or feature size differ).")
+        if not tensors[name].is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensors[name].dtype}; expected floats.")
+    with torch.no_grad():
+        for name, param in expected.items():
+            param.copy_(tensors[name])

@@ -1,0 +1,206 @@
+"""LoraModel: the rewritten graph module, its adapter store and the verbs that act on them.
+
+Example::
+
+    lm = lorafy(model, ["q_proj", "v_proj"])
+    lm.print_trainable_parameters()
+    loss = lm(x).sum(); loss.backward()       # only lm.adapters' parameters get gradients
+    print(lm.report())
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .capture import Captured
+from .checkpoint import (
+    WEIGHTS_NAME,
+    adapter_dir,
+    check_and_copy,
+    peft_config_dict,
+    read_config,
+    read_tensors,
+    save_adapter,
+    strip_adapter_name,
+)
+from .errors import AdapterError
+from .matching import match_targets
+from .passes import insert_lora, remove_lora
+from .passes.insert import adapter_dtype
+from .peft_config import ruleset_from_peft_config
+from .report import RewriteReport
+from .rules import RuleLike, as_ruleset
+from .store import AdapterStore, LoraUnit, check_adapter_name, unit_shapes
+from .targets import Target, find_targets
+
+
+class LoraModel(nn.Module):
+    """A captured model with LoRA branches as graph rewrites. Call it as you would call the model."""
+
+    def __init__(self, captured: Captured) -> None:
+        super().__init__()
+        self.graph_module = captured.graph_module
+        self._captured = captured
+        self._found = find_targets(captured.graph_module, captured.source)
+        self.targets: list[Target] = []
+        self._unused_rules: dict[str, list[str]] = {}
+        self._store_name = "lora" if not hasattr(self.graph_module, "lora") else "lora_fx_store"
+        self.graph_module.add_module(self._store_name, AdapterStore())
+        self._ready = True
+
+    # ---- calling -------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    @property
+    def adapters(self) -> AdapterStore:
+        return self.graph_module.get_submodule(self._store_name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.adapters.active)
+
+    def train(self, mode: bool = True) -> LoraModel:
+        """Switch LoRA dropout (and the base graph too, unless its mode was fixed by torch.export)."""
+        self.training = mode
+        if self._captured.mode_fixed:
+            self.adapters.train(mode)
+        else:
+            self.graph_module.train(mode)
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        if getattr(self, "_ready", False):
+            self.refresh()  # dtype casts in the graph follow the new dtypes
+        return out
+
+    # ---- adapters ------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, rules: RuleLike, *, autocast_adapter_dtype: bool = True) -> None:
+        """Create adapter ``adapter_name`` for the keys ``rules`` select. As in PEFT, it becomes active only
+        when no adapter is active yet (use ``set_adapter``). Nothing changes if the rules are invalid or
+        match nothing."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.adapters.names:
+            raise AdapterError(f"Adapter {adapter_name!r} already exists; choose another name.")
+        matched = match_targets(self._found, as_ruleset(rules), type(self._captured.source).__name__)
+        units, seen = [], set()
+        for t in matched.targets:
+            if t.key in seen:
+                continue
+            seen.add(t.key)
+            rule = matched.rules_by_key[t.key]
+            weight = self.graph_module.get_parameter(t.weight_path)
+            shape_a, shape_b = unit_shapes(t.kind, t.in_features, t.out_features, rule.r, t.extra)
+            units.append(LoraUnit(t.key, t.kind, shape_a, shape_b, rule, extra=t.extra, device=weight.device,
+                                  dtype=adapter_dtype(weight.dtype, autocast_adapter_dtype)))
+        self.adapters.add(adapter_name, units)
+        self._unused_rules[adapter_name] = matched.unused_rules
+        known = {id(t.node) for t in self.targets}
+        self.targets += [t for t in matched.targets if id(t.node) not in known]
+        self.set_adapter(self.active_adapters or adapter_name)
+
+    def set_adapter(self, names: str | Iterable[str]) -> None:
+        """Make ``names`` the active adapter(s): the graph computes them, only they are trainable."""
+        names = [names] if isinstance(names, str) else list(names)
+        for name in names:
+            self.adapters.units(name)  # raises for an unknown name
+        self.adapters.active = names
+        self._freeze()
+        self.refresh()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.adapters.delete(adapter_name)
+        self._unused_rules.pop(adapter_name, None)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rebuild the LoRA branches from the store (after a change of adapters, dtypes or scales)."""
+        remove_lora(self.graph_module)
+        try:
+            insert_lora(self.graph_module, self.adapters, self.targets, self.active_adapters, self._store_name)
+        except Exception:
+            remove_lora(self.graph_module)
+            raise
+
+    def _freeze(self) -> None:
+        store = self.adapters
+        adapter_params = {id(p) for p in store.parameters()}
+        for p in self.graph_module.parameters():
+            if id(p) not in adapter_params:
+                p.requires_grad_(False)
+        for name, unit in store.iter_units():
+            for p in unit.parameters():
+                p.requires_grad_(name in store.active)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike, adapter_name: str | Iterable[str] | None = None) -> None:
+        """Write adapters in PEFT's format (``default`` in ``path``, others in ``path/<name>``)."""
+        names = self.adapters.names if adapter_name is None else (
+            [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+        base = getattr(getattr(self._captured.source, "config", None), "_name_or_path", None) or None
+        for name in names:
+            units = list(self.adapters.units(name).values())
+            keys = {u.key for u in units}
+            fan_in_fan_out = any(t.layout == "in_out" for t in self.targets if t.key in keys)
+            save_adapter(adapter_dir(path, name), units, peft_config_dict(units, fan_in_fan_out, base))
+
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", *,
+                     allow_pickle: bool = False) -> None:
+        """Read a PEFT adapter directory into a new adapter ``adapter_name``. On any error (missing file,
+        wrong keys or shapes, a config naming modules the model lacks) the model is left as it was."""
+        directory = Path(path)
+        config = read_config(directory)
+        tensors = strip_adapter_name(read_tensors(directory, allow_pickle), adapter_name)
+        active = self.active_adapters
+        self.add_adapter(adapter_name, ruleset_from_peft_config(config), autocast_adapter_dtype=True)
+        try:
+            check_and_copy(list(self.adapters.units(adapter_name).values()), tensors, directory / WEIGHTS_NAME)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            if active:
+                self.set_adapter(active)
+            raise
+
+    # ---- introspection -------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters that require grad (exactly the active adapters'): pass them to an optimiser."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as PEFT computes them."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    def report(self) -> RewriteReport:
+        """What the rewrite did: one row per (adapter, key)."""
+        rows = []
+        for name, unit in self.adapters.iter_units():
+            nodes = [t for t in self.targets if t.key == unit.key]
+            t = nodes[0]
+            action = "lora" if name in self.adapters.active else "inactive"
+            rows.append({
+                "adapter": name, "key": unit.key, "kind": unit.kind, "node": ",".join(n.node.name for n in nodes),
+                "op": t.op, "in": t.in_features, "out": t.out_features, "r": unit.r, "alpha": unit.alpha,
+                "scaling": round(unit.scaling, 6), "dropout": unit.dropout_p,
+                "params": sum(p.numel() for p in unit.parameters()),
+                "action": action + (" (shared weight)" if t.shared else ""),
+            })
+        trainable, total = self.get_nb_trainable_parameters()
+        unused = [f"{r} [{a}]" for a, rs in self._unused_rules.items() for r in rs]
+        return RewriteReport(rows, trainable, total, unused)
+
+    @torch.no_grad()
+    def unit(self, key: str, adapter_name: str | None = None) -> LoraUnit:
+        """The LoraUnit of ``key`` in ``adapter_name`` (default: the first active adapter)."""
+        return self.adapters.unit(adapter_name or self.active_adapters[0], key)

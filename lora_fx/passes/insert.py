@@ -1,0 +1,83 @@
+"""Insert pass: add each active adapter's LoRA branch after its target node.
+
+For a linear target with base output ``y = W x`` the rewritten graph computes::
+
+    x_l   = dropout(x.to(adapter_dtype))          # cast only when dtypes differ; dropout only when p > 0
+    delta = F.linear(F.linear(x_l, A), B)         # B A x   (A: [r, in], B: [out, r])
+    y'    = (y + delta * s).to(y.dtype)           # one `+ delta * s` per active adapter, as PEFT does
+
+Example::
+
+    insert_lora(gm, lm.adapters, lm.targets, ["default"])
+    print(gm.code)   # ... q_proj_lora_a = torch.nn.functional.linear(x, self.lora.default...lora_A) ...
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..store import AdapterStore
+from ..targets import Target
+from .common import finish, new_node
+
+DeltaBuilder = Callable[[fx.Graph, Target, str, fx.Node, dict], fx.Node]
+
+
+def _linear_delta(g: fx.Graph, t: Target, unit_path: str, x: fx.Node, tag: dict) -> fx.Node:
+    n = unit_path.rsplit(".", 1)[-1]
+    a = new_node(g, "get_attr", f"{unit_path}.lora_A", (), f"{n}_lora_A", tag)
+    b = new_node(g, "get_attr", f"{unit_path}.lora_B", (), f"{n}_lora_B", tag)
+    h = new_node(g, "call_function", F.linear, (x, a), f"{n}_lora_a", tag)
+    return new_node(g, "call_function", F.linear, (h, b), f"{n}_lora_b", tag)
+
+
+DELTA_BUILDERS: dict[str, DeltaBuilder] = {"linear": _linear_delta}
+
+
+def insert_lora(
+    gm: fx.GraphModule, store: AdapterStore, targets: list[Target], adapters: list[str], store_name: str = "lora"
+) -> list[dict]:
+    """Rewrite ``gm`` so every target gets ``+ s·ΔW x`` for each adapter in ``adapters`` that has a unit
+    for its key. Returns one record per (target, adapter) inserted."""
+    g = gm.graph
+    records = []
+    for t in targets:
+        units = [(a, store.units(a).get(t.key)) for a in adapters]
+        units = [(a, u) for a, u in units if u is not None]
+        if not units:
+            continue
+        base_dtype = gm.get_parameter(t.weight_path).dtype
+        out = t.node
+        inserted: list[fx.Node] = []
+        with g.inserting_before(t.node.next):
+            for adapter, unit in units:
+                tag = {"adapter": adapter, "key": t.key, "base": t.node.name, "role": "branch"}
+                unit_path = f"{store_name}.{store.unit_path(adapter, t.key)}"
+                name = unit_path.rsplit(".", 1)[-1]
+                x = t.input
+                if unit.lora_A.dtype != base_dtype:
+                    x = new_node(g, "call_method", "to", (x, unit.lora_A.dtype), f"{name}_lora_in", tag)
+                if unit.dropout_p > 0:
+                    x = new_node(g, "call_module", f"{unit_path}.dropout", (x,), f"{name}_lora_dropout", tag)
+                delta = DELTA_BUILDERS[t.kind](g, t, unit_path, x, tag)
+                scaled = new_node(g, "call_function", operator.mul, (delta, unit.scaling), f"{name}_lora_scaled", tag)
+                out = new_node(g, "call_function", operator.add, (out, scaled), f"{name}_lora", tag)
+                inserted.append(out)
+                records.append({"key": t.key, "adapter": adapter, "node": t.node.name})
+            if units[0][1].lora_A.dtype != base_dtype:
+                out = new_node(g, "call_method", "to", (out, base_dtype), f"{name}_lora_out", tag)
+        out.meta["lora_fx"]["role"] = "out"
+        first = inserted[0]
+        t.node.replace_all_uses_with(out, delete_user_cb=lambda user, first=first: user is not first)
+    finish(gm)
+    return records
+
+
+def adapter_dtype(base: torch.dtype, autocast: bool) -> torch.dtype:
+    """PEFT's ``autocast_adapter_dtype``: fp16/bf16 base weights get float32 adapters."""
+    return torch.float32 if autocast and base in (torch.float16, torch.bfloat16) else base

@@ -1,0 +1,76 @@
+"""Translate a ``peft.LoraConfig`` (or its JSON dict) into lora_fx rules.
+
+``target_modules`` as a string is a full-match regex (``re:``); as a list, plain names (exact or dotted
+suffix). ``exclude_modules`` becomes leading exclude rules. ``rank_pattern`` / ``alpha_pattern`` keep
+PEFT's lookup: the first pattern ``p`` for which ``(.*\\.)?(p)$`` matches the key.
+
+Example::
+
+    ruleset_from_peft_config(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import RuleError
+from .rules import Rule, RuleSet
+
+# Options that change what PEFT builds and that this version does not reproduce: refuse, never ignore.
+_UNSUPPORTED_WHEN_SET = (
+    "layers_to_transform", "layers_pattern", "modules_to_save", "megatron_config", "trainable_token_indices",
+    "eva_config", "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
+    "monteclora_config", "layer_replication", "target_parameters", "arrow_config", "kasa_config", "use_bdlora",
+)
+_UNSUPPORTED_WHEN_TRUE = ("use_dora", "lora_bias", "use_qalora")
+
+
+def config_fields(config: Any) -> dict[str, Any]:
+    """A LoraConfig object or an adapter_config.json dict as a plain dict."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    return {k: getattr(config, k) for k in dir(config) if not k.startswith("_") and not callable(getattr(config, k))}
+
+
+def ruleset_from_peft_config(config: Any) -> RuleSet:
+    """Rules equivalent to PEFT's targeting for ``config`` (a LoraConfig or its dict form)."""
+    c = config_fields(config)
+    peft_type = str(c.get("peft_type", "LORA")).split(".")[-1].upper()
+    if peft_type != "LORA":
+        raise RuleError(f"PEFT config has peft_type={peft_type!r}; lora_fx reads LoRA configs only.")
+    for name in _UNSUPPORTED_WHEN_SET:
+        if c.get(name) not in (None, [], {}, ""):
+            raise RuleError(
+                f"LoraConfig.{name}={c[name]!r} is not supported by this version of lora_fx; "
+                f"remove it from the config or express the targeting with lora_fx Rules."
+            )
+    for name in _UNSUPPORTED_WHEN_TRUE:
+        if c.get(name):
+            raise RuleError(f"LoraConfig.{name}=True is not supported by this version of lora_fx; set it to False.")
+    if c.get("bias", "none") != "none":
+        raise RuleError(f"LoraConfig.bias={c['bias']!r} is not supported yet; use bias='none'.")
+    init = c.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        raise RuleError(
+            f"LoraConfig.init_lora_weights={init!r} is not supported yet; use True, False or 'gaussian'."
+        )
+
+    targets = c.get("target_modules")
+    if targets is None or targets == "all-linear":
+        raise RuleError(
+            f"LoraConfig.target_modules={targets!r}: lora_fx needs explicit target names or a regex "
+            "(e.g. ['q_proj', 'v_proj'] or '.*\\.(q|v)_proj')."
+        )
+    match = "re:" + targets if isinstance(targets, str) else tuple(sorted(targets))
+    hyper = dict(
+        r=int(c.get("r", 8)), alpha=c.get("lora_alpha", 8), dropout=float(c.get("lora_dropout", 0.0)),
+        init=init, use_rslora=bool(c.get("use_rslora", False)),
+    )
+    rules = []
+    excludes = c.get("exclude_modules")
+    if excludes:
+        ex_match = "re:" + excludes if isinstance(excludes, str) else tuple(sorted(excludes))
+        rules.append(Rule(ex_match, exclude=True))
+    rules.append(Rule(match, **hyper))
+    return RuleSet(rules, dict(c.get("rank_pattern") or {}), dict(c.get("alpha_pattern") or {}))

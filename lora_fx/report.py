@@ -1,0 +1,50 @@
+"""The rewrite report: one row per targeted key, rendered with tabulate.
+
+Example::
+
+    print(lm.report())
+    # key                              kind    node    op      in  out  r  alpha  scaling  params  action
+    # model.layers.0.self_attn.q_proj  linear  linear  aten.linear  64  64  8  16  2  1024  lora
+    # 14 targets, 14,336 LoRA parameters added; trainable: 14,336 of 1,042,880 (1.3746%)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tabulate import tabulate
+
+COLUMNS = ("key", "kind", "node", "op", "in", "out", "r", "alpha", "scaling", "params", "action")
+
+
+@dataclass
+class RewriteReport:
+    rows: list[dict]
+    trainable: int
+    total: int
+    unused_rules: list[str] = field(default_factory=list)
+    passes: list[str] = field(default_factory=list)
+
+    @property
+    def added_parameters(self) -> int:
+        return sum(r["params"] for r in self.rows)
+
+    def summary(self) -> str:
+        pct = 100 * self.trainable / self.total if self.total else 0.0
+        keys = len({r["key"] for r in self.rows})
+        return (
+            f"{keys} targets, {self.added_parameters:,} LoRA parameters added; "
+            f"trainable: {self.trainable:,} of {self.total:,} ({pct:.4f}%)"
+        )
+
+    def __str__(self) -> str:
+        table = tabulate([[r.get(c, "") for c in COLUMNS] for r in self.rows], headers=COLUMNS)
+        lines = [table, self.summary()]
+        if self.passes:
+            lines.append("passes: " + ", ".join(self.passes))
+        if self.unused_rules:
+            lines.append("rules that matched nothing: " + ", ".join(self.unused_rules))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"RewriteReport({len(self.rows)} rows; {self.summary()})"

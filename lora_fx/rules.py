@@ -1,0 +1,171 @@
+"""Rules: which graph targets get LoRA, and with which hyper-parameters.
+
+Rules are ordered; the first rule that matches a target's key decides. An ``exclude`` rule that
+matches stops the search (the target gets no LoRA). Matching on a key ``k``:
+
+- plain name ``"q_proj"``: ``k == "q_proj"`` or ``k.endswith(".q_proj")`` (PEFT's list semantics);
+- glob (contains ``* ? [``): ``fnmatch(k, pattern)`` over the whole key;
+- ``"re:<regex>"``: ``re.fullmatch(regex, k)``.
+
+Example::
+
+    rules = [Rule("lm_head", exclude=True), Rule("re:.*layers\\.[01]\\..*_proj", r=16, alpha=32), "fc*"]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import RuleError
+
+KINDS = frozenset({"linear", "embedding", "conv"})
+INITS = (True, False, "default", "gaussian")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One targeting rule with the LoRA hyper-parameters it assigns.
+
+    ``y = W x + s · B A dropout(x)`` with ``s = alpha / r`` (``alpha / sqrt(r)`` when ``use_rslora``).
+
+    Example::
+
+        Rule(["q_proj", "v_proj"], r=8, alpha=16, dropout=0.05)
+    """
+
+    match: str | tuple[str, ...]
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    kinds: frozenset[str] | None = None
+    exclude: bool = False
+    init: bool | str = "default"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        patterns = (self.match,) if isinstance(self.match, str) else tuple(self.match)
+        object.__setattr__(self, "match", patterns if len(patterns) != 1 else patterns[0])
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise RuleError(f"{self!r}: match must be a non-empty string or a sequence of them.")
+        for p in patterns:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise RuleError(f"Rule {p!r}: invalid regular expression ({e}).") from None
+        if self.kinds is not None:
+            kinds = frozenset([self.kinds] if isinstance(self.kinds, str) else self.kinds)
+            unknown = kinds - KINDS
+            if unknown:
+                raise RuleError(f"Rule {self.label}: unknown kinds {sorted(unknown)}; use any of {sorted(KINDS)}.")
+            object.__setattr__(self, "kinds", kinds)
+        if self.exclude:
+            return
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise RuleError(f"Rule {self.label}: r must be a positive integer, got {self.r!r}.")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise RuleError(f"Rule {self.label}: alpha must be a positive number, got {self.alpha!r}.")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise RuleError(f"Rule {self.label}: dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.init not in INITS:
+            raise RuleError(f"Rule {self.label}: init must be one of {INITS}, got {self.init!r}.")
+        if self.use_dora:
+            raise RuleError(
+                f"Rule {self.label}: use_dora is not supported by this version of lora_fx; "
+                "remove use_dora (plain LoRA) or keep the model in PEFT for DoRA."
+            )
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return (self.match,) if isinstance(self.match, str) else self.match
+
+    @property
+    def label(self) -> str:
+        return repr(self.match)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def matches(self, key: str, kind: str) -> bool:
+        if self.kinds is not None and kind not in self.kinds:
+            return False
+        return any(match_pattern(p, key) for p in self.patterns)
+
+
+def match_pattern(pattern: str, key: str) -> bool:
+    """True when ``pattern`` (plain name, glob or ``re:`` regex) matches ``key``."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], key) is not None
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(key, pattern)
+    return key == pattern or key.endswith("." + pattern)
+
+
+def _pattern_key(patterns: Iterable[str], key: str) -> str | None:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: first pattern p with ``(.*\\.)?(p)$`` matching."""
+    for p in patterns:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return p
+    return None
+
+
+@dataclass
+class RuleSet:
+    """Ordered rules plus PEFT's per-key ``rank_pattern`` / ``alpha_pattern`` overrides."""
+
+    rules: list[Rule]
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def decide(self, key: str, kind: str) -> Rule | None:
+        """The first rule that matches (an exclude rule included), or None."""
+        return next((rule for rule in self.rules if rule.matches(key, kind)), None)
+
+    def effective(self, rule: Rule, key: str) -> Rule:
+        """``rule`` with PEFT's per-key ``rank_pattern`` / ``alpha_pattern`` overrides applied."""
+        r_key = _pattern_key(self.rank_pattern, key)
+        a_key = _pattern_key(self.alpha_pattern, key)
+        if r_key is None and a_key is None:
+            return rule
+        r = self.rank_pattern[r_key] if r_key is not None else rule.r
+        alpha = self.alpha_pattern[a_key] if a_key is not None else rule.alpha
+        return replace(rule, r=r, alpha=alpha)
+
+
+RuleLike = Rule | str | Sequence[Rule | str] | Any
+
+
+def as_ruleset(rules: RuleLike) -> RuleSet:
+    """Normalise a Rule, a string, a sequence of them, or a ``peft.LoraConfig`` into a RuleSet."""
+    if isinstance(rules, RuleSet):
+        return rules
+    if _is_peft_config(rules):
+        from .peft_config import ruleset_from_peft_config
+
+        return ruleset_from_peft_config(rules)
+    if isinstance(rules, (Rule, str)):
+        rules = [rules]
+    if not isinstance(rules, Sequence) or not rules:
+        raise RuleError(
+            f"rules must be a Rule, a string, a non-empty sequence of them, or a peft.LoraConfig; got {rules!r}."
+        )
+    out = []
+    for item in rules:
+        if isinstance(item, str):
+            out.append(Rule(item))
+        elif isinstance(item, Rule):
+            out.append(item)
+        else:
+            raise RuleError(f"rules: expected a Rule or a string, got {item!r} ({type(item).__name__}).")
+    return RuleSet(out)
+
+
+def _is_peft_config(obj: Any) -> bool:
+    return any(c.__name__ == "LoraConfig" for c in type(obj).__mro__) and hasattr(obj, "target_modules")

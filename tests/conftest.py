@@ -1,0 +1,23 @@
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(2)
+warnings.filterwarnings("ignore", message=".*bos_token_id.*")
+warnings.filterwarnings("ignore", message=".*eos_token_id.*")
+
+from zoo import ZOO  # noqa: E402
+
+
+@pytest.fixture(params=list(ZOO), ids=list(ZOO))
+def case(request):
+    return ZOO[request.param]
+
+
+@pytest.fixture(params=[n for n, c in ZOO.items() if c.peft], ids=[n for n, c in ZOO.items() if c.peft])
+def peft_case(request):
+    return ZOO[request.param]

@@ -1,0 +1,119 @@
+"""The model zoo the tests run every feature through: tiny models built from configs, no downloads.
+
+Each entry builds a fresh float32 model in eval mode (same seed, same weights every call) with example
+inputs, the target names PEFT would use, and whether lorafy needs torch.export (example inputs) to capture it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 24)
+        self.fc2 = nn.Linear(24, 24, bias=False)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class Functional(nn.Module):
+    """Uses F.linear on its own parameters: module-swapping tools cannot target these."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(24, 12) / 4)
+        self.b1 = nn.Parameter(torch.randn(24) / 4)
+        self.w2 = nn.Parameter(torch.randn(6, 24) / 4)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(F.linear(x, self.w1, self.b1)), self.w2)
+
+
+def _hf(name: str) -> nn.Module:
+    import transformers as tf
+
+    common = dict(vocab_size=96, max_position_embeddings=64)
+    if name == "llama":
+        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, **common)
+        return tf.LlamaForCausalLM(cfg)
+    if name == "qwen2":
+        cfg = tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, **common)
+        return tf.Qwen2ForCausalLM(cfg)
+    if name == "gpt2":
+        cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64,
+                            bos_token_id=0, eos_token_id=0)
+        return tf.GPT2LMHeadModel(cfg)
+    if name == "bert":
+        cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            **common)
+        return tf.BertModel(cfg)
+    raise KeyError(name)
+
+
+@dataclass
+class Case:
+    name: str
+    build_fn: Callable[[], nn.Module]
+    inputs_fn: Callable[[], tuple]
+    targets: list[str]  # PEFT target_modules
+    export: bool  # lorafy needs example inputs (torch.export)
+    peft: bool = True  # PEFT can adapt this model
+    fan_in_fan_out: bool = False
+    other_inputs_fn: Callable[[], tuple] | None = None  # another batch/sequence shape
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return self.build_fn().eval()
+
+    def inputs(self) -> tuple:
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            return self.inputs_fn()
+
+    def lorafy_kwargs(self) -> dict[str, Any]:
+        return {"example_inputs": self.inputs()} if self.export else {}
+
+
+def _ids(b: int, t: int) -> Callable[[], tuple]:
+    return lambda: (torch.randint(0, 96, (b, t)),)
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """The main tensor of a model output (logits / last_hidden_state / the tensor itself)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("logits", "last_hidden_state"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)
+    return out[0]
+
+
+ZOO = {
+    "mlp": Case("mlp", MLP, lambda: (torch.randn(4, 12),), ["fc1", "fc2", "head"], export=False,
+                other_inputs_fn=lambda: (torch.randn(7, 12),)),
+    "functional": Case("functional", Functional, lambda: (torch.randn(4, 12),), ["w1", "w2"], export=False,
+                       peft=False, other_inputs_fn=lambda: (torch.randn(2, 12),)),
+    "llama": Case("llama", lambda: _hf("llama"), _ids(2, 8),
+                  ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], export=True,
+                  other_inputs_fn=_ids(3, 11)),
+    "qwen2": Case("qwen2", lambda: _hf("qwen2"), _ids(2, 8), ["q_proj", "k_proj", "v_proj", "o_proj"],
+                  export=True, other_inputs_fn=_ids(1, 5)),
+    "gpt2": Case("gpt2", lambda: _hf("gpt2"), _ids(2, 8), ["c_attn", "c_proj", "c_fc"], export=True,
+                 fan_in_fan_out=True, other_inputs_fn=_ids(3, 6)),
+    "bert": Case("bert", lambda: _hf("bert"), _ids(2, 8), ["query", "key", "value", "dense"], export=True,
+                 other_inputs_fn=_ids(1, 12)),
+}

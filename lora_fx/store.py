@@ -160,6 +160,8 @@ def _unit_name(key: str, taken: set[str]) -> str:
 
 def unit_shapes(kind: str, in_features: int, out_features: int, r: int, extra: dict[str, Any]) -> tuple[tuple, tuple]:
     """PEFT's parameter shapes of (A, B) for a target kind."""
-    if kind == "linear":
+    if kind in ("linear", "embedding"):
         return (r, in_features), (out_features, r)
+    if kind == "conv":
+        return (r, in_features, *extra["kernel"]), (out_features, r, *([1] * extra["dims"]))
     raise AdapterError(f"No LoRA parameter layout for target kind {kind!r}.")

@@ -15,17 +15,12 @@ Example::
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
-
-aten = torch.ops.aten
 
 
 @dataclass
@@ -33,7 +28,7 @@ class Target:
     key: str
     kind: str  # "linear" | "embedding" | "conv"
     node: fx.Node  # the base op whose output gets the LoRA delta added
-    input: fx.Node  # the activation the LoRA branch reads
+    input_at: tuple[int, str]  # where the node takes the activation the LoRA branch reads: (position, kwarg)
     weight_path: str  # attribute path of the base weight inside the graph module
     op: str  # the op form, e.g. "Linear", "F.linear", "aten.addmm"
     in_features: int
@@ -41,6 +36,11 @@ class Target:
     layout: str = "out_in"  # "out_in": W is [out, in]; "in_out": W is [in, out] (GPT-2 Conv1D)
     shared: bool = False  # the weight has other uses in the graph
     extra: dict[str, Any] = field(default_factory=dict)  # kind-specific settings (conv stride, ...)
+
+    @property
+    def input(self) -> fx.Node:
+        """The node's current input (read from its args, so earlier rewrites upstream are seen)."""
+        return arg(self.node, *self.input_at)
 
 
 @dataclass
@@ -148,58 +148,5 @@ def _get_submodule(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _is_hf_conv1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
-
-
-# ---- linear ------------------------------------------------------------------------------------------
-
-@recogniser
-def linear_module(ctx: Context, node: fx.Node) -> Target | None:
-    """``call_module`` on nn.Linear (W [out, in]) or transformers' Conv1D (W [in, out])."""
-    if node.op != "call_module":
-        return None
-    m = ctx.module(node.target)
-    if isinstance(m, nn.Linear):
-        layout, op = "out_in", "Linear"
-        out_f, in_f = m.weight.shape
-    elif m is not None and _is_hf_conv1d(m):
-        layout, op = "in_out", "Conv1D"
-        in_f, out_f = m.weight.shape
-    else:
-        return None
-    return Target(node.target, "linear", node, arg(node, 0, "input"), f"{node.target}.weight", op, in_f, out_f,
-                  layout)
-
-
-_LINEAR_FNS = {F.linear: "F.linear", aten.linear.default: "aten.linear"}
-_MATMUL_FNS = {
-    torch.matmul: "torch.matmul", operator.matmul: "matmul", torch.mm: "torch.mm",
-    aten.mm.default: "aten.mm", aten.matmul.default: "aten.matmul",
-}
-_ADDMM_FNS = {torch.addmm: "torch.addmm", aten.addmm.default: "aten.addmm"}
-
-
-@recogniser
-def linear_function(ctx: Context, node: fx.Node) -> Target | None:
-    """``F.linear``/``aten.linear`` (W [out, in]); ``mm``/``matmul``/``addmm`` with a 2-D parameter
-    as the right operand (W [in, out])."""
-    if node.op != "call_function":
-        return None
-    if node.target in _LINEAR_FNS:
-        x, w, layout = arg(node, 0, "input"), arg(node, 1, "weight"), "out_in"
-    elif node.target in _MATMUL_FNS:
-        x, w, layout = node.args[0], node.args[1], "in_out"
-    elif node.target in _ADDMM_FNS:
-        if node.kwargs.get("alpha", 1) != 1:
-            return None
-        x, w, layout = arg(node, 1, "mat1"), arg(node, 2, "mat2"), "in_out"
-    else:
-        return None
-    found = ctx.param_of(w)
-    if found is None or found[1].dim() != 2 or not isinstance(x, fx.Node):
-        return None
-    path, p = found
-    out_f, in_f = p.shape if layout == "out_in" else p.shape[::-1]
-    op = {**_LINEAR_FNS, **_MATMUL_FNS, **_ADDMM_FNS}[node.target]
-    return Target(ctx.key_for(node, path, p), "linear", node, x, path, op, in_f, out_f, layout)
+# The built-in recognisers register themselves on import.
+from . import recognisers  # noqa: E402,F401

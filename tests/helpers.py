@@ -12,7 +12,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def peft_keys(peft_model) -> list[str]:
-    return sorted(k for k, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A") and m.lora_A)
+    return sorted(k for k, m in peft_model.base_model.model.named_modules()
+                  if getattr(m, "lora_A", None) or getattr(m, "lora_embedding_A", None))
 
 
 def peft_twin(case: Case, lm, adapter: str = "default", dtype=torch.float32, **config) -> torch.nn.Module:
@@ -24,8 +25,12 @@ def peft_twin(case: Case, lm, adapter: str = "default", dtype=torch.float32, **c
         for key in peft_keys(pm):
             mod = pm.base_model.model.get_submodule(key)
             unit = lm.adapters.unit(adapter, key)
-            mod.lora_A["default"].weight.copy_(unit.lora_A)
-            mod.lora_B["default"].weight.copy_(unit.lora_B)
+            if unit.kind == "embedding":
+                mod.lora_embedding_A["default"].copy_(unit.lora_A)
+                mod.lora_embedding_B["default"].copy_(unit.lora_B)
+            else:
+                mod.lora_A["default"].weight.copy_(unit.lora_A)
+                mod.lora_B["default"].weight.copy_(unit.lora_B)
     return pm
 
 

@@ -52,7 +52,8 @@ def test_our_adapter_loads_in_peft(peft_case, tmp_path):
     pm = PeftModel.from_pretrained(c.build(), tmp_path).eval()
     assert rel_err(run(pm, c), run(lm, c)) < 1e-6
     names = set(load_file(tmp_path / WEIGHTS_NAME))
-    assert all(n.startswith("base_model.model.") and n.endswith((".lora_A.weight", ".lora_B.weight")) for n in names)
+    suffixes = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+    assert all(n.startswith("base_model.model.") and n.endswith(suffixes) for n in names)
 
 
 def test_two_adapters_round_trip(tmp_path):

@@ -12,7 +12,8 @@ def test_init_leaves_outputs_unchanged(case):
     ref = run(case.build(), case)
     lm = lora_fx.lorafy(case.build(), Rule(case.targets, r=4, alpha=8), **case.lorafy_kwargs())
     assert torch.equal(run(lm, case), ref)
-    assert all(torch.count_nonzero(u.lora_B) == 0 for _, u in lm.adapters.iter_units())
+    assert all(torch.count_nonzero(u.lora_A if u.kind == "embedding" else u.lora_B) == 0
+               for _, u in lm.adapters.iter_units())
 
 
 def test_random_adapters_match_peft(peft_case):
@@ -33,7 +34,10 @@ def test_report_lists_exactly_peft_targets(peft_case):
     for row in rows:
         unit = lm.adapters.unit("default", row["key"])
         assert row["params"] == unit.lora_A.numel() + unit.lora_B.numel()
-        assert row["r"] == 8 and row["alpha"] == 8 and row["scaling"] == 1.0 and row["kind"] == "linear"
+        assert row["r"] == 8 and row["alpha"] == 8 and row["scaling"] == 1.0
+        module = pm.base_model.model.get_submodule(row["key"]).base_layer
+        kind = {"Embedding": "embedding", "Conv1d": "conv", "Conv2d": "conv", "Conv3d": "conv"}
+        assert row["kind"] == kind.get(type(module).__name__, "linear")
 
 
 def test_functional_model_matches_closed_form():

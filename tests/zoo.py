@@ -39,6 +39,36 @@ class Functional(nn.Module):
         return F.linear(torch.tanh(F.linear(x, self.w1, self.b1)), self.w2)
 
 
+class CNN(nn.Module):
+    """Conv1d, Conv2d and Conv3d with stride and padding, then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 8, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv3d(8, 4, (1, 3, 3), stride=(1, 2, 2))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # x: [B, 3, L]
+        h = torch.relu(self.c1(x))  # [B, 8, L/2]
+        h = torch.relu(self.c2(h.unsqueeze(-1) * h.unsqueeze(-2)))  # [B, 8, L/2, L/2]
+        h = self.c3(h.unsqueeze(2))  # [B, 4, 1, L/4, L/4]
+        return self.head(h.mean((2, 3, 4)))
+
+
+class EmbedModel(nn.Module):
+    """An embedding (with a padding index) feeding a linear classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 16, padding_idx=0)
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.proj(self.emb(ids))).mean(1))
+
+
 def _hf(name: str) -> nn.Module:
     import transformers as tf
 
@@ -107,6 +137,10 @@ ZOO = {
                 other_inputs_fn=lambda: (torch.randn(7, 12),)),
     "functional": Case("functional", Functional, lambda: (torch.randn(4, 12),), ["w1", "w2"], export=False,
                        peft=False, other_inputs_fn=lambda: (torch.randn(2, 12),)),
+    "cnn": Case("cnn", CNN, lambda: (torch.randn(2, 3, 16),), ["c1", "c2", "c3", "head"], export=False,
+                other_inputs_fn=lambda: (torch.randn(3, 3, 24),)),
+    "embed": Case("embed", EmbedModel, lambda: (torch.randint(0, 40, (4, 7)),), ["emb", "proj", "head"],
+                  export=False, other_inputs_fn=lambda: (torch.randint(0, 40, (2, 9)),)),
     "llama": Case("llama", lambda: _hf("llama"), _ids(2, 8),
                   ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], export=True,
                   other_inputs_fn=_ids(3, 11)),
@@ -114,6 +148,7 @@ ZOO = {
                   export=True, other_inputs_fn=_ids(1, 5)),
     "gpt2": Case("gpt2", lambda: _hf("gpt2"), _ids(2, 8), ["c_attn", "c_proj", "c_fc"], export=True,
                  fan_in_fan_out=True, other_inputs_fn=_ids(3, 6)),
-    "bert": Case("bert", lambda: _hf("bert"), _ids(2, 8), ["query", "key", "value", "dense"], export=True,
+    "bert": Case("bert", lambda: _hf("bert"), _ids(2, 8), ["word_embeddings", "query", "key", "value", "dense"],
+                 export=True,
                  other_inputs_fn=_ids(1, 12)),
 }

@@ -1,6 +1,8 @@
 """Insert pass: add each active adapter's LoRA branch after its target node.
 
-For a linear target with base output ``y = W x`` the rewritten graph computes::
+For a linear target with base output ``y = W x`` the rewritten graph computes (embedding:
+``F.embedding(idx, A.T) @ B.T``; conv: ``conv_B(conv_A(x))`` with A carrying the base kernel, stride,
+padding and dilation, B a 1x1 conv)::
 
     x_l   = dropout(x.to(adapter_dtype))          # cast only when dtypes differ; dropout only when p > 0
     delta = F.linear(F.linear(x_l, A), B)         # B A x   (A: [r, in], B: [out, r])
@@ -36,7 +38,34 @@ def _linear_delta(g: fx.Graph, t: Target, unit_path: str, x: fx.Node, tag: dict)
     return new_node(g, "call_function", F.linear, (h, b), f"{n}_lora_b", tag)
 
 
-DELTA_BUILDERS: dict[str, DeltaBuilder] = {"linear": _linear_delta}
+def _embedding_delta(g: fx.Graph, t: Target, unit_path: str, idx: fx.Node, tag: dict) -> fx.Node:
+    """PEFT's embedding branch: ``F.embedding(idx, A.T, padding_idx) @ B.T``."""
+    n = unit_path.rsplit(".", 1)[-1]
+    a = new_node(g, "get_attr", f"{unit_path}.lora_A", (), f"{n}_lora_A", tag)
+    b = new_node(g, "get_attr", f"{unit_path}.lora_B", (), f"{n}_lora_B", tag)
+    a_t = new_node(g, "call_method", "t", (a,), f"{n}_lora_A_t", tag)
+    b_t = new_node(g, "call_method", "t", (b,), f"{n}_lora_B_t", tag)
+    h = new_node(g, "call_function", F.embedding, (idx, a_t), f"{n}_lora_a", tag,
+                 {"padding_idx": t.extra.get("padding_idx")})
+    return new_node(g, "call_function", operator.matmul, (h, b_t), f"{n}_lora_b", tag)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _conv_delta(g: fx.Graph, t: Target, unit_path: str, x: fx.Node, tag: dict) -> fx.Node:
+    """A: conv with the base kernel, stride, padding and dilation (and its padding mode); B: 1x1 conv."""
+    n, e = unit_path.rsplit(".", 1)[-1], t.extra
+    conv = _CONV[e["dims"]]
+    if e["pad_mode"] is not None:
+        x = new_node(g, "call_function", F.pad, (x, e["pad"]), f"{n}_lora_pad", tag, {"mode": e["pad_mode"]})
+    a = new_node(g, "get_attr", f"{unit_path}.lora_A", (), f"{n}_lora_A", tag)
+    b = new_node(g, "get_attr", f"{unit_path}.lora_B", (), f"{n}_lora_B", tag)
+    h = new_node(g, "call_function", conv, (x, a, None, e["stride"], e["padding"], e["dilation"]), f"{n}_lora_a", tag)
+    return new_node(g, "call_function", conv, (h, b), f"{n}_lora_b", tag)
+
+
+DELTA_BUILDERS: dict[str, DeltaBuilder] = {"linear": _linear_delta, "embedding": _embedding_delta, "conv": _conv_delta}
 
 
 def insert_lora(
@@ -60,9 +89,10 @@ def insert_lora(
                 unit_path = f"{store_name}.{store.unit_path(adapter, t.key)}"
                 name = unit_path.rsplit(".", 1)[-1]
                 x = t.input
-                if unit.lora_A.dtype != base_dtype:
+                reads_activation = t.kind != "embedding"  # an embedding's input is indices: no cast, no dropout
+                if reads_activation and unit.lora_A.dtype != base_dtype:
                     x = new_node(g, "call_method", "to", (x, unit.lora_A.dtype), f"{name}_lora_in", tag)
-                if unit.dropout_p > 0:
+                if reads_activation and unit.dropout_p > 0:
                     x = new_node(g, "call_module", f"{unit_path}.dropout", (x,), f"{name}_lora_dropout", tag)
                 delta = DELTA_BUILDERS[t.kind](g, t, unit_path, x, tag)
                 scaled = new_node(g, "call_function", operator.mul, (delta, unit.scaling), f"{name}_lora_scaled", tag)

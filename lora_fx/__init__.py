@@ -1,13 +1,14 @@
 """lora_fx: LoRA as a compiler pass over torch.fx / torch.export graphs."""
 
 from .api import from_peft, lorafy
+from .deploy import compile, export
 from .errors import AdapterError, CaptureError, CheckpointError, LoraFxError, MergeError, RuleError
 from .model import LoraModel
 from .report import RewriteReport
 from .rules import Rule
 
 __all__ = [
-    "lorafy", "from_peft", "Rule", "LoraModel", "RewriteReport",
+    "lorafy", "from_peft", "compile", "export", "Rule", "LoraModel", "RewriteReport",
     "LoraFxError", "RuleError", "CaptureError", "AdapterError", "CheckpointError", "MergeError",
 ]
 __version__ = "0.1.0"

@@ -57,6 +57,13 @@ def capture(
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.fx.GraphModule:
+    gm = export_program(model, args, kwargs).module()
+    _share_parameters(gm, model)
+    return gm
+
+
+def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
+    """``torch.export.export(strict=False)`` with ``Dim.AUTO`` on every tensor dimension; CaptureError on failure."""
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
     except TypeError as e:
@@ -72,9 +79,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.fx.G
             "run the model as-is (model(*example_inputs, **example_kwargs)), or pass a model that "
             "torch.fx.symbolic_trace can trace with no example inputs."
         ) from e
-    gm = ep.module()
-    _share_parameters(gm, model)
-    return gm
+    return ep
 
 
 def _auto_dims(value: Any) -> Any:

@@ -76,13 +76,14 @@ def save_adapter(directory: Path, units: list[LoraUnit], config: dict[str, Any])
         tensors[name_a] = unit.lora_A.detach().to("cpu").contiguous()
         tensors[name_b] = unit.lora_B.detach().to("cpu").contiguous()
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME,
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME,
                   lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through a temporary file in the same directory and an atomic rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         write(tmp)

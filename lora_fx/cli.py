@@ -1,8 +1,9 @@
-"""Command line: ``lora-fx demo`` (also ``python -m lora_fx demo``).
+"""Command line: ``lora-fx demo`` and ``lora-fx merge`` (also ``python -m lora_fx ...``).
 
 Example::
 
     lora-fx demo --steps 60 --out demo_adapter
+    lora-fx merge --base ./model --adapter ./demo_adapter --out ./merged
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import sys
 
 from .demo import DemoConfig, run_demo
+from .errors import LoraFxError
+from .merge_dir import merge_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +24,24 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default=DemoConfig.out, help="directory for the saved adapter")
     demo.add_argument("--seed", type=int, default=DemoConfig.seed)
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    merge = sub.add_parser("merge", help="merge a PEFT adapter into a local transformers model directory")
+    merge.add_argument("--base", required=True, help="transformers model directory")
+    merge.add_argument("--adapter", required=True, help="PEFT adapter directory (adapter_config.json + safetensors)")
+    merge.add_argument("--out", required=True, help="directory for the merged model")
+    merge.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    merge.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo(DemoConfig(steps=args.steps, out=args.out, seed=args.seed), progress=not args.no_progress)
+    elif args.command == "merge":
+        try:
+            report = merge_model_dir(args.base, args.adapter, args.out, force=args.force,
+                                     progress=not args.no_progress)
+        except LoraFxError as e:
+            print(f"lora-fx merge: {e}", file=sys.stderr)
+            return 2
+        print(report)
+        print(f"merged model saved to {args.out}/")
     return 0
 
 

@@ -11,7 +11,7 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -28,9 +28,10 @@ from .checkpoint import (
     save_adapter,
     strip_adapter_name,
 )
-from .errors import AdapterError
+from .errors import AdapterError, MergeError
 from .matching import match_targets
 from .passes import insert_lora, remove_lora
+from .passes.fold import Folded, fold_weights, unfold_weights
 from .passes.insert import adapter_dtype
 from .peft_config import ruleset_from_peft_config
 from .report import RewriteReport
@@ -51,6 +52,8 @@ class LoraModel(nn.Module):
         self._unused_rules: dict[str, list[str]] = {}
         self._store_name = "lora" if not hasattr(self.graph_module, "lora") else "lora_fx_store"
         self.graph_module.add_module(self._store_name, AdapterStore())
+        self._merged: list[str] = []
+        self._folded: list[Folded] = []
         self._ready = True
 
     # ---- calling -------------------------------------------------------------------------------------
@@ -59,7 +62,11 @@ class LoraModel(nn.Module):
 
     @property
     def adapters(self) -> AdapterStore:
-        return self.graph_module.get_submodule(self._store_name)
+        store = getattr(self.graph_module, self._store_name, None)
+        if store is None:
+            raise AdapterError("This LoraModel was unloaded (merge_and_unload / unload); use the graph module "
+                               "those returned, or lorafy the model again.")
+        return store
 
     @property
     def active_adapters(self) -> list[str]:
@@ -110,11 +117,15 @@ class LoraModel(nn.Module):
         names = [names] if isinstance(names, str) else list(names)
         for name in names:
             self.adapters.units(name)  # raises for an unknown name
+        if self._merged and names != self.active_adapters:
+            raise MergeError(f"Adapters {self._merged} are merged into the weights; unmerge() before set_adapter.")
         self.adapters.active = names
         self._freeze()
         self.refresh()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self._merged:
+            raise MergeError(f"Adapter {adapter_name!r} is merged into the weights; unmerge() before deleting it.")
         self.adapters.delete(adapter_name)
         self._unused_rules.pop(adapter_name, None)
         self.refresh()
@@ -122,8 +133,9 @@ class LoraModel(nn.Module):
     def refresh(self) -> None:
         """Rebuild the LoRA branches from the store (after a change of adapters, dtypes or scales)."""
         remove_lora(self.graph_module)
+        live = [a for a in self.active_adapters if a not in self._merged]
         try:
-            insert_lora(self.graph_module, self.adapters, self.targets, self.active_adapters, self._store_name)
+            insert_lora(self.graph_module, self.adapters, self.targets, live, self._store_name)
         except Exception:
             remove_lora(self.graph_module)
             raise
@@ -137,6 +149,63 @@ class LoraModel(nn.Module):
         for name, unit in store.iter_units():
             for p in unit.parameters():
                 p.requires_grad_(name in store.active)
+
+    # ---- merging ------------------------------------------------------------------------------------
+    @property
+    def merged_adapters(self) -> list[str]:
+        return list(self._merged)
+
+    def merge(self, adapter_names: str | Iterable[str] | None = None, *, safe: bool = False,
+              keep_original: bool = True, progress: Callable[[str], None] | None = None) -> None:
+        """Fold ``W += s·ΔW`` (float32, cast back once) for the adapters (default: the active ones) and erase
+        their branches from the graph. ``safe``: check the merged weights are finite before committing.
+        ``keep_original``: keep an exact copy of each W so ``unmerge`` restores it bit for bit."""
+        if self._merged:
+            raise MergeError(f"Adapters {self._merged} are already merged; unmerge() before merging again.")
+        names = self.active_adapters if adapter_names is None else (
+            [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+        if not names:
+            raise MergeError("No adapter to merge: no adapter is active; pass adapter_names=[...].")
+        units_by_key: dict[str, list] = {}
+        for name in names:
+            for key, unit in self.adapters.units(name).items():
+                units_by_key.setdefault(key, []).append((name, unit))
+        self._folded = fold_weights(self.graph_module, self._captured.source, self.targets, units_by_key,
+                                    safe=safe, keep_original=keep_original, progress=progress)
+        self._merged = names
+        self.refresh()
+
+    def unmerge(self) -> None:
+        """Restore the base weights (and ties) and put the merged adapters' branches back in the graph."""
+        if not self._merged:
+            raise MergeError("Nothing is merged; call merge() first.")
+        unfold_weights(self.graph_module, self._folded)
+        self._merged, self._folded = [], []
+        self.refresh()
+
+    def merge_and_unload(self, *, safe: bool = False) -> torch.fx.GraphModule:
+        """Merge (if not merged yet) and return the graph module with folded weights and no LoRA nodes,
+        parameters or store: a plain GraphModule to compile or export. This LoraModel is done afterwards."""
+        if not self._merged:
+            self.merge(safe=safe, keep_original=False)
+        self._folded = []
+        return self._unload()
+
+    def unload(self) -> torch.fx.GraphModule:
+        """The base graph with no LoRA, weights as they were before any merge."""
+        if self._merged:
+            self.unmerge()
+        return self._unload()
+
+    def _unload(self) -> torch.fx.GraphModule:
+        gm = self.graph_module
+        remove_lora(gm)
+        for p in self.adapters.parameters():
+            p.requires_grad_(False)
+        delattr(gm, self._store_name)
+        self._merged, self._folded = [], []
+        gm.recompile()
+        return gm
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike, adapter_name: str | Iterable[str] | None = None) -> None:
@@ -188,13 +257,14 @@ class LoraModel(nn.Module):
         for name, unit in self.adapters.iter_units():
             nodes = [t for t in self.targets if t.key == unit.key]
             t = nodes[0]
-            action = "lora" if name in self.adapters.active else "inactive"
+            action = "merged" if name in self._merged else "lora" if name in self.adapters.active else "inactive"
+            untied = name in self._merged and any(f.key == unit.key and f.untied is not None for f in self._folded)
             rows.append({
                 "adapter": name, "key": unit.key, "kind": unit.kind, "node": ",".join(n.node.name for n in nodes),
                 "op": t.op, "in": t.in_features, "out": t.out_features, "r": unit.r, "alpha": unit.alpha,
                 "scaling": round(unit.scaling, 6), "dropout": unit.dropout_p,
                 "params": sum(p.numel() for p in unit.parameters()),
-                "action": action + (" (shared weight)" if t.shared else ""),
+                "action": action + (" (untied copy)" if untied else " (shared weight)" if t.shared else ""),
             })
         trainable, total = self.get_nb_trainable_parameters()
         unused = [f"{r} [{a}]" for a, rs in self._unused_rules.items() for r in rs]

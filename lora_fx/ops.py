@@ -17,9 +17,11 @@ import torch
 from .store import LoraUnit
 
 
-def delta_weight(unit: LoraUnit, layout: str, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """``s · ΔW`` for ``unit`` in float32, shaped like the base weight (``shape``)."""
-    a, b = unit.lora_A.detach().float(), unit.lora_B.detach().float()
+def delta_weight(
+    unit: LoraUnit, layout: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``s · ΔW`` for ``unit`` in ``dtype`` (float32 by default), shaped like the base weight (``shape``)."""
+    a, b = unit.lora_A.detach().to(dtype), unit.lora_B.detach().to(dtype)
     if unit.kind == "conv":
         delta = (b.flatten(1) @ a.flatten(1)).view(tuple(shape))
     else:
@@ -27,3 +29,8 @@ def delta_weight(unit: LoraUnit, layout: str, shape: torch.Size | tuple[int, ...
         if unit.kind == "embedding" or layout == "in_out":
             delta = delta.T
     return delta * unit.scaling
+
+
+def merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype merges are computed in: float32, or the weight's own dtype when it is wider (float64)."""
+    return torch.promote_types(weight_dtype, torch.float32)

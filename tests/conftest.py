@@ -13,6 +13,12 @@ warnings.filterwarnings("ignore", message=".*eos_token_id.*")
 from zoo import ZOO  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same RNG state (adapter inits, dropout masks), whatever ran before."""
+    torch.manual_seed(1234)
+
+
 @pytest.fixture(params=list(ZOO), ids=list(ZOO))
 def case(request):
     return ZOO[request.param]

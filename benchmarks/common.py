@@ -1,0 +1,77 @@
+"""Shared benchmark plumbing: the tiny-Llama setting, interleaved timing rounds, tables and JSON.
+
+Method (see BENCHMARKING.md of the project): build every variant first, warm each up (compile included),
+then repeat rounds of A, B, C, ... in one process and take each variant's median over all rounds. Report
+ratios, not times. Every variant's output is checked against a reference before it is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+HERE = Path(__file__).resolve().parent
+
+
+def llama(hidden: int = 512, intermediate: int = 1376, layers: int = 4, heads: int = 8, vocab: int = 8000,
+          dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0):
+    """The issue's tiny Llama, random weights, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                      max_position_embeddings=2048, use_cache=False)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int, device: str = "cpu",
+                warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each variant over ``rounds`` interleaved rounds (after ``warmup`` calls)."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def machine() -> dict:
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def report(name: str, rows: list[dict], meta: dict) -> None:
+    """Print a table and write ``benchmarks/<name>.json``."""
+    print(tabulate([list(r.values()) for r in rows], headers=list(rows[0].keys()), floatfmt=".3f"))
+    out = HERE / f"{name}.json"
+    out.write_text(json.dumps({"benchmark": name, "machine": machine(), **meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()

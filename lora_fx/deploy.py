@@ -1,0 +1,50 @@
+"""Deployment: compile a (merged) module with good defaults, or export it as a ``.pt2`` program.
+
+``compile``: ``torch.compile`` with ``mode="max-autotune"`` when the module's parameters are on CUDA (Triton
+GEMM autotuning plus CUDA graphs: best steady-state latency, slower first compile) and the default mode on
+CPU (autotuning buys little there and costs compile time). ``dynamic=None`` lets shapes that vary (batch,
+sequence) become dynamic after the first recompile. Any keyword overrides these.
+
+``export``: ``torch.export.export(strict=False)`` with ``Dim.AUTO`` on every tensor dimension, saved with
+``torch.export.save`` through a temporary file. ``torch.export.load(path).module()`` runs it with no lora_fx.
+
+Example::
+
+    gm = lm.merge_and_unload()
+    fast = lora_fx.compile(gm)
+    lora_fx.export(gm, "model.pt2", example_inputs=(ids,))
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import export_program
+from .checkpoint import atomic_write
+
+
+def compile(module: nn.Module, **torch_compile_kwargs: Any) -> nn.Module:  # noqa: A001 (mirrors torch.compile)
+    """``torch.compile(module)`` with lora_fx's defaults (see the module docstring); kwargs override them."""
+    on_cuda = any(p.is_cuda for p in module.parameters())
+    options: dict[str, Any] = {"dynamic": None}
+    if on_cuda:
+        options["mode"] = "max-autotune"
+    options.update(torch_compile_kwargs)
+    return torch.compile(module, **options)
+
+
+def export(
+    module: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: tuple = (),
+    example_kwargs: dict[str, Any] | None = None,
+) -> torch.export.ExportedProgram:
+    """Export ``module`` (typically ``lm.merge_and_unload()``) to ``path`` as a torch.export program."""
+    program = export_program(module, tuple(example_inputs), example_kwargs or {})
+    atomic_write(Path(path), lambda tmp: torch.export.save(program, tmp))
+    return program

@@ -1,0 +1,172 @@
+"""Fold pass (merge): ``W' = W + Σ s·ΔW`` computed in float32 and cast back once; unfold restores W.
+
+A weight that also has uses no adapter targets (GPT-2's tied ``wte``/``lm_head``) is never changed in
+place: the targeted use gets its own merged copy (the tie is broken for it alone) and the other uses keep
+W. The LoRA branches themselves are erased by the model rebuilding its graph without the merged adapters.
+
+Example::
+
+    folded = fold_weights(gm, source_model, targets, units_by_key, safe=True)
+    ...
+    unfold_weights(gm, folded)   # weights back to W (bitwise, from the kept copy)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from ..errors import MergeError
+from ..ops import delta_weight, merge_dtype
+from ..store import LoraUnit
+from ..targets import Target
+from .common import TAG, finish
+
+
+@dataclass
+class Folded:
+    """What unfold needs to undo one key's merge."""
+
+    key: str
+    param: nn.Parameter  # the base weight the key read before merging
+    original: torch.Tensor | None = None  # exact copy of W (in-place merges)
+    deltas: torch.Tensor | None = None  # Σ s·ΔW, when no copy was kept
+    untied: nn.Parameter | None = None  # the key's own merged copy (shared weights)
+    modules: list[tuple[nn.Module, nn.Parameter]] = field(default_factory=list)  # (module, its old weight)
+    rewired: list[tuple[fx.Node, fx.Node, fx.Node]] = field(default_factory=list)  # (node, new, old weight input)
+
+
+def fold_weights(
+    gm: fx.GraphModule,
+    source: nn.Module,
+    targets: list[Target],
+    units_by_key: dict[str, list[tuple[str, LoraUnit]]],
+    *,
+    safe: bool = False,
+    keep_original: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[Folded]:
+    """Merge each key's units into its weight. ``safe``: compute everything first, check it is finite, and
+    only then commit (on failure nothing changed). ``keep_original``: keep an exact copy of W for unfold.
+    ``progress`` is called with each key once it is merged."""
+    by_key: dict[str, list[Target]] = {}
+    for t in targets:
+        if t.key in units_by_key:
+            by_key.setdefault(t.key, []).append(t)
+    uses = _param_uses(gm)
+    plans = []
+    for key, ts in by_key.items():
+        w = gm.get_parameter(ts[0].weight_path)
+        dtype = merge_dtype(w.dtype)
+        delta = sum(delta_weight(u, ts[0].layout, w.shape, dtype) for _, u in units_by_key[key])
+        merged = (w.detach().to(dtype) + delta).to(w.dtype)
+        if safe and not torch.isfinite(merged).all():
+            names = [a for a, _ in units_by_key[key]]
+            raise MergeError(f"Merging adapter(s) {names} into {key!r} gives non-finite weights; nothing was merged. "
+                             f"Check the lora_A / lora_B of {key!r} for inf or NaN.")
+        shared = uses.get(id(w), 0) > len(ts)
+        plans.append((key, ts, w, merged, delta, shared))
+    folded = []
+    for key, ts, w, merged, delta, shared in plans:
+        if shared:
+            folded.append(_untie(gm, source, key, ts, w, merged))
+        else:
+            f = Folded(key, w, original=w.detach().clone() if keep_original else None,
+                       deltas=None if keep_original else delta)
+            with torch.no_grad():
+                w.copy_(merged)
+            folded.append(f)
+        if progress is not None:
+            progress(key)
+    finish(gm)
+    return folded
+
+
+def unfold_weights(gm: fx.GraphModule, folded: list[Folded]) -> None:
+    """Undo ``fold_weights``: restore each weight (and re-tie shared ones)."""
+    for f in folded:
+        if f.untied is not None:
+            for module, old in f.modules:
+                module.weight = old
+            for node, new, old in f.rewired:
+                node.replace_input_with(new, old)
+                if not new.users:
+                    gm.graph.erase_node(new)
+            gm._parameters.pop(_attr_name(f.key), None)
+            continue
+        with torch.no_grad():
+            if f.original is not None:
+                f.param.copy_(f.original)
+            else:
+                dtype = merge_dtype(f.param.dtype)
+                f.param.copy_((f.param.detach().to(dtype) - f.deltas).to(f.param.dtype))
+    finish(gm)
+
+
+def _untie(gm: fx.GraphModule, source: nn.Module, key: str, ts: list[Target], w: nn.Parameter,
+           merged: torch.Tensor) -> Folded:
+    copy = nn.Parameter(merged, requires_grad=False)
+    f = Folded(key, w, untied=copy)
+    name = _attr_name(key)
+    for t in ts:
+        if t.node.op == "call_module":
+            module = gm.get_submodule(t.node.target)
+            if not any(m is module for m, _ in f.modules):
+                f.modules.append((module, module.weight))
+                module.weight = copy
+            continue
+        old = _weight_arg(t)
+        if not hasattr(gm, name):
+            gm.register_parameter(name, copy)
+        with gm.graph.inserting_before(t.node):
+            new = gm.graph.get_attr(name)
+        new.meta[TAG] = {"role": "untied", "key": key}
+        t.node.replace_input_with(old, new)
+        f.rewired.append((t.node, new, old))
+    owner = _module_or_none(source, key)
+    if owner is not None and getattr(owner, "weight", None) is w:
+        f.modules.append((owner, w))
+        owner.weight = copy  # write-back: the original model computes the merged weights too
+    return f
+
+
+def _weight_arg(t: Target) -> fx.Node:
+    for a in (*t.node.args, *t.node.kwargs.values()):
+        if isinstance(a, fx.Node) and a.op == "get_attr" and a.target == t.weight_path:
+            return a
+    raise MergeError(f"Cannot find the weight input of node {t.node.name!r} ({t.key!r}) to untie it.")
+
+
+def _param_uses(gm: fx.GraphModule) -> dict[int, int]:
+    """How many base op nodes read each parameter (LoRA nodes excluded)."""
+    uses: dict[int, int] = {}
+    for node in gm.graph.nodes:
+        if TAG in node.meta:
+            continue
+        if node.op == "call_module":
+            w = getattr(gm.get_submodule(node.target), "weight", None)
+            if isinstance(w, nn.Parameter):
+                uses[id(w)] = uses.get(id(w), 0) + 1
+        elif node.op == "get_attr":
+            try:
+                p = gm.get_parameter(node.target)
+            except AttributeError:
+                continue
+            n = sum(TAG not in u.meta for u in node.users)
+            uses[id(p)] = uses.get(id(p), 0) + n
+    return uses
+
+
+def _attr_name(key: str) -> str:
+    return re.sub(r"\W", "_", key) + "_weight_merged"
+
+
+def _module_or_none(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None

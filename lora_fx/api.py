@@ -29,6 +29,7 @@ def lorafy(
     example_kwargs: dict[str, Any] | None = None,
     adapter_name: str = "default",
     autocast_adapter_dtype: bool = True,
+    fuse: bool = True,
 ) -> LoraModel:
     """Add LoRA to ``model``'s layers that ``rules`` select: ``y = W x + s · B A dropout(x)``.
 
@@ -36,11 +37,12 @@ def lorafy(
     ``example_kwargs`` the model is captured with ``torch.export`` (needed for Hugging Face models),
     otherwise with ``torch.fx.symbolic_trace``. The graph shares the model's parameters; base parameters
     are frozen (``requires_grad=False``), as PEFT does. fp16/bf16 base weights get float32 adapters unless
-    ``autocast_adapter_dtype=False``.
+    ``autocast_adapter_dtype=False``. ``fuse=False`` keeps every LoRA branch as plain ``F.linear`` / ``*`` /
+    ``+`` nodes (same math as PEFT, op for op) instead of the fused sibling ops.
     """
     ruleset = as_ruleset(rules)
     check_adapter_name(adapter_name)
-    lm = LoraModel(capture(model, example_inputs, example_kwargs))
+    lm = LoraModel(capture(model, example_inputs, example_kwargs), fuse=fuse)
     lm.add_adapter(adapter_name, ruleset, autocast_adapter_dtype=autocast_adapter_dtype)
     return lm
 

@@ -34,8 +34,8 @@ from .passes import insert_lora, remove_lora
 from .passes.fold import Folded, fold_weights, unfold_weights
 from .passes.insert import adapter_dtype
 from .peft_config import ruleset_from_peft_config
-from .report import RewriteReport
-from .rules import RuleLike, as_ruleset
+from .report import RewriteReport, passes_summary
+from .rules import RuleLike, as_ruleset, exclude_output_layer
 from .store import AdapterStore, LoraUnit, check_adapter_name, unit_shapes
 from .targets import Target, find_targets
 
@@ -43,8 +43,9 @@ from .targets import Target, find_targets
 class LoraModel(nn.Module):
     """A captured model with LoRA branches as graph rewrites. Call it as you would call the model."""
 
-    def __init__(self, captured: Captured) -> None:
+    def __init__(self, captured: Captured, *, fuse: bool = True) -> None:
         super().__init__()
+        self.fuse = fuse  # run eligible linear branches through the sibling-fusion pass
         self.graph_module = captured.graph_module
         self._captured = captured
         self._found = find_targets(captured.graph_module, captured.source)
@@ -54,6 +55,7 @@ class LoraModel(nn.Module):
         self.graph_module.add_module(self._store_name, AdapterStore())
         self._merged: list[str] = []
         self._folded: list[Folded] = []
+        self._records: list[dict] = []
         self._ready = True
 
     # ---- calling -------------------------------------------------------------------------------------
@@ -95,7 +97,10 @@ class LoraModel(nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.adapters.names:
             raise AdapterError(f"Adapter {adapter_name!r} already exists; choose another name.")
-        matched = match_targets(self._found, as_ruleset(rules), type(self._captured.source).__name__)
+        ruleset = as_ruleset(rules)
+        if ruleset.exclude_output_layer:
+            ruleset = exclude_output_layer(ruleset, self._captured.source)
+        matched = match_targets(self._found, ruleset, type(self._captured.source).__name__)
         units, seen = [], set()
         for t in matched.targets:
             if t.key in seen:
@@ -135,7 +140,8 @@ class LoraModel(nn.Module):
         remove_lora(self.graph_module)
         live = [a for a in self.active_adapters if a not in self._merged]
         try:
-            insert_lora(self.graph_module, self.adapters, self.targets, live, self._store_name)
+            self._records = insert_lora(self.graph_module, self.adapters, self.targets, live, self._store_name,
+                                        fuse=self.fuse)
         except Exception:
             remove_lora(self.graph_module)
             raise
@@ -268,7 +274,7 @@ class LoraModel(nn.Module):
             })
         trainable, total = self.get_nb_trainable_parameters()
         unused = [f"{r} [{a}]" for a, rs in self._unused_rules.items() for r in rs]
-        return RewriteReport(rows, trainable, total, unused)
+        return RewriteReport(rows, trainable, total, unused, passes_summary(self._records))
 
     @torch.no_grad()
     def unit(self, key: str, adapter_name: str | None = None) -> LoraUnit:

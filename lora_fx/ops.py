@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .store import LoraUnit
 
@@ -34,3 +35,74 @@ def delta_weight(
 def merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """The dtype merges are computed in: float32, or the weight's own dtype when it is wider (float64)."""
     return torch.promote_types(weight_dtype, torch.float32)
+
+
+class _LoraLinearGroup(torch.autograd.Function):
+    """``y_i += s_i · (x A_iᵀ) B_iᵀ`` for sibling branches reading the same ``x``, in place on the base outputs.
+
+    Forward: one GEMM for all A's (``h = x [A_1; A_2; ...]ᵀ``), then one ``addmm_`` per branch that adds
+    ``s_i · h_i B_iᵀ`` into ``y_i`` (no separate multiply or add kernels; out of place when ``y_i`` is a view).
+    Backward: ``dB_i = s_i gᵢᵀ h_i``,
+    ``dh_i = s_i g_i B_i``, and one GEMM each for ``dA = dhᵀ x`` and ``dx = dh A`` over the whole group.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scalings, n, *tensors):
+        ys, a_list, b_list = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+        x2 = x.reshape(-1, x.shape[-1])
+        a_cat = torch.cat(a_list) if n > 1 else a_list[0]
+        h = x2 @ a_cat.t()
+        ranks = [a.shape[0] for a in a_list]
+        outs, dirty = [], []
+        for y, h_i, b, s in zip(ys, h.split(ranks, dim=1), b_list, scalings):
+            if torch.compiler.is_compiling() or y._is_view() or not y.is_contiguous():  # in place: eager, non-views
+                outs.append(torch.addmm(y.reshape(-1, y.shape[-1]), h_i, b.t(), alpha=s).view(y.shape))
+            else:
+                y.view(-1, y.shape[-1]).addmm_(h_i, b.t(), alpha=s)
+                outs.append(y)
+                dirty.append(y)
+        ctx.mark_dirty(*dirty)
+        ctx.save_for_backward(x2, h, a_cat, *b_list)
+        ctx.scalings, ctx.ranks, ctx.x_shape = scalings, ranks, x.shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, h, a_cat, *b_list = ctx.saved_tensors
+        n = len(b_list)
+        needs = ctx.needs_input_grad
+        dh_list, db_list = [], []
+        for g, h_i, b, s in zip(grads, h.split(ctx.ranks, dim=1), b_list, ctx.scalings):
+            g2 = g.reshape(-1, g.shape[-1])
+            db_list.append((g2.t() @ h_i).mul_(s))
+            dh_list.append((g2 @ b).mul_(s))
+        dh = torch.cat(dh_list, dim=1) if n > 1 else dh_list[0]
+        dx = (dh @ a_cat).view(ctx.x_shape) if needs[0] else None
+        da = (dh.t() @ x2).split(ctx.ranks) if any(needs[3 + n:3 + 2 * n]) else (None,) * n
+        return (dx, None, None, *grads, *da, *db_list)
+
+
+def lora_linear_group(x: torch.Tensor, ys: tuple, a_list: tuple, b_list: tuple, scalings: tuple) -> tuple:
+    """Add the LoRA deltas of sibling linear targets that read ``x`` into their base outputs ``ys``.
+
+    Example::
+
+        q, k, v = lora_linear_group(x, (q, k, v), (A_q, A_k, A_v), (B_q, B_k, B_v), (2.0, 2.0, 2.0))
+
+    Under ``torch.compile`` it traces as plain ops, which the compiler fuses itself; with no grad needed it
+    skips autograd and adds in place.
+    """
+    if torch.compiler.is_compiling():  # let the compiler fuse plain ops (its own epilogues, no custom backward)
+        return tuple(y + (x @ a.t() @ b.t()) * s for y, a, b, s in zip(ys, a_list, b_list, scalings))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *a_list, *b_list)):
+        return _LoraLinearGroup.apply(x, tuple(scalings), len(ys), *ys, *a_list, *b_list)
+    x2 = x.reshape(-1, x.shape[-1])  # inference: the same math with no autograd bookkeeping
+    outs = []
+    for y, a, b, s in zip(ys, a_list, b_list, scalings):
+        h = F.linear(x2, a)
+        if y._is_view() or not y.is_contiguous():
+            outs.append(torch.addmm(y.reshape(-1, y.shape[-1]), h, b.t(), alpha=s).view(y.shape))
+        else:
+            y.view(-1, y.shape[-1]).addmm_(h, b.t(), alpha=s)
+            outs.append(y)
+    return tuple(outs)

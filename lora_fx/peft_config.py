@@ -19,7 +19,7 @@ from .rules import Rule, RuleSet
 
 # Options that change what PEFT builds and that this version does not reproduce: refuse, never ignore.
 _UNSUPPORTED_WHEN_SET = (
-    "layers_to_transform", "layers_pattern", "modules_to_save", "megatron_config", "trainable_token_indices",
+    "modules_to_save", "megatron_config", "trainable_token_indices",
     "eva_config", "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
     "monteclora_config", "layer_replication", "target_parameters", "arrow_config", "kasa_config", "use_bdlora",
 )
@@ -57,12 +57,13 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
         )
 
     targets = c.get("target_modules")
-    if targets is None or targets == "all-linear":
+    if targets is None:
         raise RuleError(
-            f"LoraConfig.target_modules={targets!r}: lora_fx needs explicit target names or a regex "
-            "(e.g. ['q_proj', 'v_proj'] or '.*\\.(q|v)_proj')."
+            "LoraConfig.target_modules=None: lora_fx has no per-architecture default; name the targets, "
+            "e.g. ['q_proj', 'v_proj'], a regex like '.*\\.(q|v)_proj', or 'all-linear'."
         )
-    match = "re:" + targets if isinstance(targets, str) else tuple(sorted(targets))
+    all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
+    match = "*" if all_linear else "re:" + targets if isinstance(targets, str) else tuple(sorted(targets))
     hyper = dict(
         r=int(c.get("r", 8)), alpha=c.get("lora_alpha", 8), dropout=float(c.get("lora_dropout", 0.0)),
         init=init, use_rslora=bool(c.get("use_rslora", False)),
@@ -72,5 +73,14 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
     if excludes:
         ex_match = "re:" + excludes if isinstance(excludes, str) else tuple(sorted(excludes))
         rules.append(Rule(ex_match, exclude=True))
-    rules.append(Rule(match, **hyper))
-    return RuleSet(rules, dict(c.get("rank_pattern") or {}), dict(c.get("alpha_pattern") or {}))
+    rules.append(Rule(match, kinds={"linear"} if all_linear else None, **hyper))
+    layers, pattern = c.get("layers_to_transform"), c.get("layers_pattern")
+    if isinstance(targets, str) or layers in (None, []):  # PEFT applies layers_to_transform to lists only
+        layers = None
+    elif isinstance(layers, int):
+        layers = (layers,)
+    if isinstance(pattern, str):
+        pattern = (pattern,)
+    return RuleSet(rules, dict(c.get("rank_pattern") or {}), dict(c.get("alpha_pattern") or {}),
+                   layers=tuple(layers) if layers is not None else None,
+                   layers_pattern=tuple(pattern) if pattern else None, exclude_output_layer=all_linear)

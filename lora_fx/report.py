@@ -41,10 +41,25 @@ class RewriteReport:
         table = tabulate([[r.get(c, "") for c in COLUMNS] for r in self.rows], headers=COLUMNS)
         lines = [table, self.summary()]
         if self.passes:
-            lines.append("passes: " + ", ".join(self.passes))
+            lines += ["passes:"] + [f"  - {p}" for p in self.passes]
         if self.unused_rules:
             lines.append("rules that matched nothing: " + ", ".join(self.unused_rules))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"RewriteReport({len(self.rows)} rows; {self.summary()})"
+
+
+def passes_summary(records: list[dict]) -> list[str]:
+    """One line per optimisation the insert step applied (from ``insert_lora``'s records)."""
+    fused = [r for r in records if r["form"] == "fused"]
+    groups = {r["group"] for r in fused}
+    siblings = sum(1 for g in groups if sum(r["group"] == g for r in fused) > 1)
+    lines = []
+    if fused:
+        lines.append(f"fuse_linear: {len(fused)} branches as {len(groups)} fused ops ({siblings} sibling groups "
+                     "sharing one A-matmul, scale folded into an in-place addmm)")
+    no_dropout = sum(not r["dropout"] for r in records)
+    if no_dropout:
+        lines.append(f"drop_dropout: no dropout node on {no_dropout} branches (p = 0)")
+    return lines

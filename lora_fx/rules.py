@@ -116,17 +116,34 @@ def _pattern_key(patterns: Iterable[str], key: str) -> str | None:
     return None
 
 
+def layer_index(key: str, layers_pattern: tuple[str, ...] | None) -> int | None:
+    """PEFT's layer index of a key: the first number after ``<pattern>.`` (any segment when no pattern)."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        m = next((m for p in layers_pattern if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key))), None)
+    return int(m["idx"]) if m else None
+
+
 @dataclass
 class RuleSet:
-    """Ordered rules plus PEFT's per-key ``rank_pattern`` / ``alpha_pattern`` overrides."""
+    """Ordered rules plus PEFT's per-key options: ``rank_pattern`` / ``alpha_pattern`` overrides,
+    ``layers`` (``layers_to_transform``, with ``layers_pattern``) and ``exclude_output_layer`` (all-linear)."""
 
     rules: list[Rule]
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None
+    exclude_output_layer: bool = False
 
     def decide(self, key: str, kind: str) -> Rule | None:
         """The first rule that matches (an exclude rule included), or None."""
-        return next((rule for rule in self.rules if rule.matches(key, kind)), None)
+        rule = next((rule for rule in self.rules if rule.matches(key, kind)), None)
+        if rule is not None and not rule.exclude and self.layers is not None:
+            if layer_index(key, self.layers_pattern) not in self.layers:
+                return None
+        return rule
 
     def effective(self, rule: Rule, key: str) -> Rule:
         """``rule`` with PEFT's per-key ``rank_pattern`` / ``alpha_pattern`` overrides applied."""
@@ -150,6 +167,8 @@ def as_ruleset(rules: RuleLike) -> RuleSet:
         from .peft_config import ruleset_from_peft_config
 
         return ruleset_from_peft_config(rules)
+    if rules == "all-linear":
+        return RuleSet([Rule("*", kinds={"linear"})], exclude_output_layer=True)
     if isinstance(rules, (Rule, str)):
         rules = [rules]
     if not isinstance(rules, Sequence) or not rules:
@@ -169,3 +188,17 @@ def as_ruleset(rules: RuleLike) -> RuleSet:
 
 def _is_peft_config(obj: Any) -> bool:
     return any(c.__name__ == "LoraConfig" for c in type(obj).__mro__) and hasattr(obj, "target_modules")
+
+
+def exclude_output_layer(ruleset: RuleSet, model: Any) -> RuleSet:
+    """Put an exclude rule for ``model``'s output layer (``get_output_embeddings()``) first, as PEFT's
+    ``all-linear`` does."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return ruleset
+    path = next((name for name, m in model.named_modules() if m is head), None)
+    if not path:
+        return ruleset
+    return replace(ruleset, rules=[Rule("re:" + re.escape(path), exclude=True), *ruleset.rules],
+                   exclude_output_layer=False)

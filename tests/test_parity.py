@@ -105,3 +105,30 @@ def test_bf16_base_gets_float32_adapters_like_peft():
     ours = run(lm, c, x)
     assert ours.dtype == torch.bfloat16
     assert torch.equal(ours, run(pm, c, x))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_all_linear_matches_peft(name):
+    from peft import LoraConfig
+    from zoo import ZOO
+
+    c = ZOO[name]
+    lm = lora_fx.lorafy(c.build(), LoraConfig(target_modules="all-linear", init_lora_weights=False),
+                        **c.lorafy_kwargs())
+    pm = peft_twin(c, lm, target_modules="all-linear")
+    assert sorted(r["key"] for r in lm.report().rows) == peft_keys(pm)
+    assert "lm_head" not in {r["key"] for r in lm.report().rows}
+    assert rel_err(run(lm, c), run(pm, c)) < 1e-6
+
+
+def test_layers_to_transform_matches_peft():
+    from peft import LoraConfig
+    from zoo import ZOO
+
+    c = ZOO["llama"]
+    cfg = dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[1], layers_pattern="layers")
+    lm = lora_fx.lorafy(c.build(), LoraConfig(init_lora_weights=False, **cfg), **c.lorafy_kwargs())
+    pm = peft_twin(c, lm, **cfg)
+    assert sorted(r["key"] for r in lm.report().rows) == peft_keys(pm) == [
+        "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    assert rel_err(run(lm, c), run(pm, c)) < 1e-6

@@ -83,11 +83,24 @@ def test_lora_config_translation():
 @pytest.mark.parametrize("cfg,fragment", [
     (dict(target_modules=["q"], use_dora=True), "use_dora"),
     (dict(target_modules=["q"], bias="all"), "bias"),
-    (dict(target_modules=["q"], layers_to_transform=[0]), "layers_to_transform"),
     (dict(target_modules=["q"], modules_to_save=["head"]), "modules_to_save"),
-    (dict(target_modules="all-linear"), "target_modules"),
+    (dict(target_modules=None), "target_modules"),
     (dict(target_modules=["q"], init_lora_weights="pissa"), "init_lora_weights"),
 ])
 def test_unsupported_lora_config_options_are_refused(cfg, fragment):
     with pytest.raises(RuleError, match=fragment):
         as_ruleset(LoraConfig(**cfg))
+
+
+def test_layers_to_transform_follow_peft():
+    rs = as_ruleset(LoraConfig(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers"))
+    assert rs.decide("model.layers.1.self_attn.q_proj", "linear") is not None
+    assert rs.decide("model.layers.0.self_attn.q_proj", "linear") is None
+    nested = as_ruleset(LoraConfig(target_modules=["w"], layers_to_transform=2))
+    assert nested.decide("model.layers.2.experts.0.w", "linear") and not nested.decide("model.layers.0.experts.2.w",
+                                                                                          "linear")
+
+
+def test_all_linear_shorthand():
+    rs = as_ruleset("all-linear")
+    assert rs.exclude_output_layer and rs.decide("a.b", "linear") and not rs.decide("emb", "embedding")

@@ -26,6 +26,7 @@ from torch import fx
 from ..store import AdapterStore
 from ..targets import Target
 from .common import finish, new_node
+from .fuse import emit_group, fusable, sibling_group
 
 DeltaBuilder = Callable[[fx.Graph, Target, str, fx.Node, dict], fx.Node]
 
@@ -69,43 +70,64 @@ DELTA_BUILDERS: dict[str, DeltaBuilder] = {"linear": _linear_delta, "embedding":
 
 
 def insert_lora(
-    gm: fx.GraphModule, store: AdapterStore, targets: list[Target], adapters: list[str], store_name: str = "lora"
+    gm: fx.GraphModule, store: AdapterStore, targets: list[Target], adapters: list[str], store_name: str = "lora",
+    fuse: bool = True,
 ) -> list[dict]:
     """Rewrite ``gm`` so every target gets ``+ s·ΔW x`` for each adapter in ``adapters`` that has a unit
-    for its key. Returns one record per (target, adapter) inserted."""
-    g = gm.graph
-    records = []
-    for t in targets:
+    for its key. With ``fuse`` (and one adapter), eligible linear targets go through the sibling-fusion
+    pass (``passes.fuse``). Returns one record per (target, adapter) inserted, with the form used."""
+    records: list[dict] = []
+    done: set[int] = set()
+    for i, t in enumerate(targets):
+        if id(t.node) in done:
+            continue
         units = [(a, store.units(a).get(t.key)) for a in adapters]
         units = [(a, u) for a, u in units if u is not None]
         if not units:
             continue
-        base_dtype = gm.get_parameter(t.weight_path).dtype
-        out = t.node
-        inserted: list[fx.Node] = []
-        with g.inserting_before(t.node.next):
-            for adapter, unit in units:
-                tag = {"adapter": adapter, "key": t.key, "base": t.node.name, "role": "branch"}
-                unit_path = f"{store_name}.{store.unit_path(adapter, t.key)}"
-                name = unit_path.rsplit(".", 1)[-1]
-                x = t.input
-                reads_activation = t.kind != "embedding"  # an embedding's input is indices: no cast, no dropout
-                if reads_activation and unit.lora_A.dtype != base_dtype:
-                    x = new_node(g, "call_method", "to", (x, unit.lora_A.dtype), f"{name}_lora_in", tag)
-                if reads_activation and unit.dropout_p > 0:
-                    x = new_node(g, "call_module", f"{unit_path}.dropout", (x,), f"{name}_lora_dropout", tag)
-                delta = DELTA_BUILDERS[t.kind](g, t, unit_path, x, tag)
-                scaled = new_node(g, "call_function", operator.mul, (delta, unit.scaling), f"{name}_lora_scaled", tag)
-                out = new_node(g, "call_function", operator.add, (out, scaled), f"{name}_lora", tag)
-                inserted.append(out)
-                records.append({"key": t.key, "adapter": adapter, "node": t.node.name})
-            if units[0][1].lora_A.dtype != base_dtype:
-                out = new_node(g, "call_method", "to", (out, base_dtype), f"{name}_lora_out", tag)
-        out.meta["lora_fx"]["role"] = "out"
-        first = inserted[0]
-        t.node.replace_all_uses_with(out, delete_user_cb=lambda user, first=first: user is not first)
+        if fuse and len(units) == 1 and fusable(gm, t, units[0][1]):
+            adapter, unit = units[0]
+            rest = [u for u in targets[i + 1:] if id(u.node) not in done and u.key in store.units(adapter)
+                    and fusable(gm, u, store.unit(adapter, u.key)) and store.unit(adapter, u.key).dropout_p == 0]
+            group = sibling_group(gm, t, rest, dropout=unit.dropout_p > 0)
+            grp = emit_group(gm, store, group, adapter, store_name)
+            for member in group:
+                done.add(id(member.node))
+                records.append({"key": member.key, "adapter": adapter, "form": "fused", "group": grp.name,
+                                "dropout": unit.dropout_p > 0})
+            continue
+        _insert_plain(gm, store, t, units, store_name)
+        records += [{"key": t.key, "adapter": a, "form": "plain", "group": None, "dropout": u.dropout_p > 0}
+                    for a, u in units]
     finish(gm)
     return records
+
+
+def _insert_plain(gm: fx.GraphModule, store: AdapterStore, t: Target, units: list, store_name: str) -> None:
+    g = gm.graph
+    base_dtype = gm.get_parameter(t.weight_path).dtype
+    out = t.node
+    inserted: list[fx.Node] = []
+    with g.inserting_before(t.node.next):
+        for adapter, unit in units:
+            tag = {"adapter": adapter, "key": t.key, "base": t.node.name, "role": "branch"}
+            unit_path = f"{store_name}.{store.unit_path(adapter, t.key)}"
+            name = unit_path.rsplit(".", 1)[-1]
+            x = t.input
+            reads_activation = t.kind != "embedding"  # an embedding's input is indices: no cast, no dropout
+            if reads_activation and unit.lora_A.dtype != base_dtype:
+                x = new_node(g, "call_method", "to", (x, unit.lora_A.dtype), f"{name}_lora_in", tag)
+            if reads_activation and unit.dropout_p > 0:
+                x = new_node(g, "call_module", f"{unit_path}.dropout", (x,), f"{name}_lora_dropout", tag)
+            delta = DELTA_BUILDERS[t.kind](g, t, unit_path, x, tag)
+            scaled = new_node(g, "call_function", operator.mul, (delta, unit.scaling), f"{name}_lora_scaled", tag)
+            out = new_node(g, "call_function", operator.add, (out, scaled), f"{name}_lora", tag)
+            inserted.append(out)
+        if units[0][1].lora_A.dtype != base_dtype:
+            out = new_node(g, "call_method", "to", (out, base_dtype), f"{name}_lora_out", tag)
+    out.meta["lora_fx"]["role"] = "out"
+    first = inserted[0]
+    t.node.replace_all_uses_with(out, delete_user_cb=lambda user, first=first: user is not first)
 
 
 def adapter_dtype(base: torch.dtype, autocast: bool) -> torch.dtype:

@@ -1,0 +1,102 @@
+"""Training-step time: base model (frozen: the floor), PEFT eager/compiled, lora_fx eager/compiled.
+
+Setting: tiny Llama (hidden 512, intermediate 1376, 4 layers, 8 heads, vocab 8000), batch 4 x 128,
+r=16, alpha=32 on all seven projections, AdamW on the adapters. A step = forward + cross-entropy +
+backward + optimizer step. The floor is the frozen base model's forward + backward to its inputs.
+
+    python benchmarks/train_step.py [--rounds 15] [--no-compile] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+from common import PROJECTIONS, interleaved, llama, rel_err, report, steady_malloc
+from peft import LoraConfig, get_peft_model
+
+import lora_fx
+from lora_fx import Rule
+
+
+def step_fn(model, ids, params):
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step():
+        out = model(ids)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+    step.model, step.ids, step.params = model, ids, params
+    return step
+
+
+def build(device: str, dtype: torch.dtype, size: dict, batch: int, seq: int, compile_: bool):
+    base = llama(dtype=dtype, device=device, **size)
+    ids = torch.randint(0, base.config.vocab_size, (batch, seq), device=device)
+    floor = copy.deepcopy(base)
+    floor.requires_grad_(False)
+    floor.enable_input_require_grads()  # backward reaches the inputs, as a LoRA step must
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS))
+    lm = lora_fx.lorafy(copy.deepcopy(base), Rule(PROJECTIONS, r=16, alpha=32), example_inputs=(ids,))
+    with torch.no_grad():  # same nonzero adapters in both, so the outputs can be checked
+        for key, unit in lm.adapters.units("default").items():
+            torch.nn.init.normal_(unit.lora_B, std=0.02)
+            mod = peft.base_model.model.get_submodule(key)
+            mod.lora_A["default"].weight.copy_(unit.lora_A)
+            mod.lora_B["default"].weight.copy_(unit.lora_B)
+        assert rel_err(lm(ids).logits, peft(ids).logits) < (1e-5 if dtype == torch.float32 else 2e-2)
+    peft_params = [p for p in peft.parameters() if p.requires_grad]
+    variants = {
+        "base (frozen, floor)": step_fn(floor, ids, []),
+        "PEFT eager": step_fn(peft, ids, peft_params),
+        "lora_fx eager": step_fn(lm, ids, lm.trainable_parameters()),
+    }
+    compile_s = {}
+    if compile_:
+        for name, model, params in [("base compiled (floor)", floor, []), ("PEFT compiled", peft, peft_params),
+                                    ("lora_fx compiled", lm, lm.trainable_parameters())]:
+            fn = step_fn(lora_fx.compile(model), ids, params)
+            t0 = time.perf_counter()
+            fn(), fn()
+            compile_s[name] = time.perf_counter() - t0
+            variants[name] = fn
+    return variants, compile_s
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-steady-malloc", action="store_true", help="leave glibc's mmap/trim thresholds alone")
+    args = p.parse_args()
+    malloc = not args.no_steady_malloc and steady_malloc()
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    size = {} if args.device == "cpu" else dict(hidden=2048, intermediate=5504, layers=16, heads=16, vocab=32000)
+    batch, seq = (4, 128)
+    variants, compile_s = build(args.device, dtype, size, batch, seq, not args.no_compile)
+    med = interleaved(variants, args.rounds, args.device)
+    rows = []
+    for name, s in med.items():
+        compiled = "compiled" in name
+        peer = med["PEFT compiled" if compiled else "PEFT eager"]
+        floor = med["base compiled (floor)" if compiled else "base (frozen, floor)"]
+        rows.append({"variant": name, "ms": s * 1e3, "x PEFT": s / peer, "x floor": s / floor,
+                     "warm-up s": compile_s.get(name, float("nan"))})
+    report("train_step", rows, {"device": args.device, "dtype": str(dtype), "batch": batch, "seq": seq,
+                                "rounds": args.rounds, "steady_malloc": malloc,
+                                "targets": "lora_fx eager <= 0.88x PEFT eager; compiled <= 0.92x PEFT compiled"})
+
+
+if __name__ == "__main__":
+    main()

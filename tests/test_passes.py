@@ -1,0 +1,93 @@
+"""Optimisation passes: sibling fusion and dropout elision change node counts, never the numbers;
+compiled training has no graph break in the LoRA parts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import rel_err, run
+from zoo import ZOO, output_tensor
+
+import lora_fx
+from lora_fx import Rule
+from lora_fx.ops import lora_linear_group
+
+
+def _count(gm, target):
+    return sum(n.op == "call_function" and n.target is target for n in gm.graph.nodes)
+
+
+def _loss_and_grads(lm, case, model=None):
+    """A loss that depends on every output (fixed random weights), and the adapters' gradients."""
+    for p in lm.trainable_parameters():
+        p.grad = None
+    out = output_tensor((model if model is not None else lm)(*case.inputs()))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))  # not invariant to LayerNorm
+    loss = (out * weights).sum()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() if p.grad is not None else None for p in lm.trainable_parameters()]
+
+
+def test_fusion_node_counts_llama():
+    c = ZOO["llama"]
+    plain = lora_fx.lorafy(c.build(), Rule(c.targets, init=False), fuse=False, **c.lorafy_kwargs())
+    fused = lora_fx.lorafy(c.build(), Rule(c.targets, init=False), fuse=True, **c.lorafy_kwargs())
+    # plain: two F.linear, one mul, one add per branch (14 branches); fused: per layer one q/k/v group, o_proj,
+    # one gate/up group, down_proj = 4 ops x 2 layers, and no LoRA F.linear at all
+    assert _count(plain.graph_module, F.linear) == 28 and _count(plain.graph_module, lora_linear_group) == 0
+    assert _count(fused.graph_module, lora_linear_group) == 8 and _count(fused.graph_module, F.linear) == 0
+    assert "sibling groups" in str(fused.report()) and "drop_dropout" in str(fused.report())
+    assert len(fused.graph_module.graph.nodes) < len(plain.graph_module.graph.nodes)
+
+
+@pytest.mark.parametrize("name", ["mlp", "functional", "llama", "qwen2", "bert", "embed"])
+def test_fused_equals_plain_forward_and_backward(name):
+    c = ZOO[name]
+    plain = lora_fx.lorafy(c.build(), Rule(c.targets, init=False), fuse=False, **c.lorafy_kwargs())
+    fused = lora_fx.lorafy(c.build(), Rule(c.targets, init=False), fuse=True, **c.lorafy_kwargs())
+    fused.adapters.load_state_dict(plain.adapters.state_dict())
+    assert rel_err(run(fused, c), run(plain, c)) < 1e-6  # no-grad path
+    loss_p, grads_p = _loss_and_grads(plain, c)
+    loss_f, grads_f = _loss_and_grads(fused, c)
+    assert rel_err(loss_f, loss_p) < 1e-5
+    assert [g is None for g in grads_p] == [g is None for g in grads_f]  # BERT's pooler gets no gradient
+    gp = torch.cat([g.flatten() for g in grads_p if g is not None])
+    gf = torch.cat([g.flatten() for g in grads_f if g is not None])
+    assert rel_err(gf, gp) < 1e-5
+    torch.testing.assert_close(gf, gp, rtol=1e-4, atol=1e-6 * gp.abs().max().item())
+
+
+def test_dropout_branches_are_fused_alone():
+    c = ZOO["llama"]
+    lm = lora_fx.lorafy(c.build(), Rule(c.targets, dropout=0.1), **c.lorafy_kwargs())
+    assert _count(lm.graph_module, lora_linear_group) == 14  # one per branch: each has its own mask
+    assert "drop_dropout" not in str(lm.report())
+
+
+def test_unload_after_fusion_restores_base_graph():
+    c = ZOO["llama"]
+    model = c.build()
+    base_out = run(model, c)
+    lm = lora_fx.lorafy(model, Rule(c.targets, init=False), **c.lorafy_kwargs())
+    n_captured = len(lora_fx.lorafy(c.build(), ["q_proj"], **c.lorafy_kwargs()).unload().graph.nodes)
+    gm = lm.unload()
+    assert len(gm.graph.nodes) == n_captured and torch.equal(run(gm, c), base_out)
+
+
+@pytest.mark.parametrize("name", ["mlp", "llama"])
+def test_compiled_training_has_no_graph_break(name):
+    from torch._dynamo.utils import counters
+
+    c = ZOO[name]
+    lm = lora_fx.lorafy(c.build(), Rule(c.targets, init=False), **c.lorafy_kwargs())
+    loss_e, grads_e = _loss_and_grads(lm, c)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = lora_fx.compile(lm)
+    opt = torch.optim.AdamW(lm.trainable_parameters(), lr=1e-3)
+    loss_c, grads_c = _loss_and_grads(lm, c, compiled)
+    assert rel_err(loss_c, loss_e) < 1e-5
+    for gc, ge in zip(grads_c, grads_e):
+        assert rel_err(gc, ge) < 1e-4
+    opt.step()
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == 1

@@ -33,11 +33,15 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
-def tensor_names(unit: LoraUnit) -> tuple[str, str]:
-    """PEFT's tensor names of (A, B) for ``unit``."""
-    if unit.kind == "embedding":
-        return f"{PREFIX}{unit.key}.lora_embedding_A", f"{PREFIX}{unit.key}.lora_embedding_B"
-    return f"{PREFIX}{unit.key}.lora_A.weight", f"{PREFIX}{unit.key}.lora_B.weight"
+def unit_tensors(unit: LoraUnit) -> dict[str, torch.nn.Parameter]:
+    """PEFT's tensor name -> parameter for ``unit`` (A, B, and DoRA's magnitude)."""
+    p = f"{PREFIX}{unit.key}"
+    names = ((f"{p}.lora_embedding_A", f"{p}.lora_embedding_B") if unit.kind == "embedding"
+             else (f"{p}.lora_A.weight", f"{p}.lora_B.weight"))
+    out = {names[0]: unit.lora_A, names[1]: unit.lora_B}
+    if unit.lora_magnitude_vector is not None:
+        out[f"{p}.lora_magnitude_vector"] = unit.lora_magnitude_vector
+    return out
 
 
 def adapter_dir(path: str | os.PathLike, adapter_name: str) -> Path:
@@ -52,17 +56,17 @@ def peft_config_dict(units: list[LoraUnit], fan_in_fan_out: bool, base_model: st
     if len(dropouts) > 1:
         warnings.warn(f"PEFT has one lora_dropout per adapter; saving the most common of {sorted(dropouts)}.",
                       stacklevel=3)
-    rslora = {u.use_rslora for u in units}
-    if len(rslora) > 1:
-        raise CheckpointError("PEFT cannot express an adapter that mixes use_rslora=True and False across keys; "
-                              "save the two groups as separate adapters.")
+    rslora, dora = {u.use_rslora for u in units}, {u.use_dora for u in units}
+    if len(rslora) > 1 or len(dora) > 1:
+        raise CheckpointError("PEFT cannot express an adapter that mixes use_rslora (or use_dora) True and False "
+                              "across keys; save the two groups as separate adapters.")
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.most_common(1)[0][0],
         "target_modules": sorted(u.key for u in units), "exclude_modules": None,
         "rank_pattern": {u.key: u.r for u in units if u.r != r},
         "alpha_pattern": {u.key: u.alpha for u in units if u.alpha != alpha},
-        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": rslora.pop(), "use_dora": False,
+        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": rslora.pop(), "use_dora": dora.pop(),
         "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
         "lora_bias": False,
     }
@@ -70,11 +74,7 @@ def peft_config_dict(units: list[LoraUnit], fan_in_fan_out: bool, base_model: st
 
 def save_adapter(directory: Path, units: list[LoraUnit], config: dict[str, Any]) -> None:
     """Write one adapter's tensors and config into ``directory`` (created if needed), atomically per file."""
-    tensors = {}
-    for unit in units:
-        name_a, name_b = tensor_names(unit)
-        tensors[name_a] = unit.lora_A.detach().to("cpu").contiguous()
-        tensors[name_b] = unit.lora_B.detach().to("cpu").contiguous()
+    tensors = {name: p.detach().to("cpu").contiguous() for unit in units for name, p in unit_tensors(unit).items()}
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME,
@@ -131,7 +131,7 @@ def strip_adapter_name(tensors: dict[str, torch.Tensor], adapter_name: str) -> d
     """Accept ``...lora_A.<name>.weight`` (a PEFT state_dict saved by hand) as ``...lora_A.weight``."""
     out = {}
     for k, v in tensors.items():
-        for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+        for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
             k = k.replace(f".{part}.{adapter_name}.", f".{part}.").replace(f".{part}.{adapter_name}", f".{part}")
         out[k] = v
     return out
@@ -139,10 +139,7 @@ def strip_adapter_name(tensors: dict[str, torch.Tensor], adapter_name: str) -> d
 
 def check_and_copy(units: list[LoraUnit], tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Verify that ``tensors`` hold exactly the units' tensors with the right shapes, then copy them in."""
-    expected = {}
-    for unit in units:
-        name_a, name_b = tensor_names(unit)
-        expected[name_a], expected[name_b] = unit.lora_A, unit.lora_B
+    expected = {name: p for unit in units for name, p in unit_tensors(unit).items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:

@@ -109,8 +109,14 @@ class LoraModel(nn.Module):
             rule = matched.rules_by_key[t.key]
             weight = self.graph_module.get_parameter(t.weight_path)
             shape_a, shape_b = unit_shapes(t.kind, t.in_features, t.out_features, rule.r, t.extra)
-            units.append(LoraUnit(t.key, t.kind, shape_a, shape_b, rule, extra=t.extra, device=weight.device,
-                                  dtype=adapter_dtype(weight.dtype, autocast_adapter_dtype)))
+            unit = LoraUnit(t.key, t.kind, shape_a, shape_b, rule, extra=t.extra, device=weight.device,
+                            dtype=adapter_dtype(weight.dtype, autocast_adapter_dtype))
+            if rule.use_dora:
+                if unit.lora_A.dtype != weight.dtype:
+                    raise AdapterError(f"DoRA on {t.key!r} needs adapters in the base weight's dtype ({weight.dtype});"
+                                       " pass autocast_adapter_dtype=False.")
+                unit.init_magnitude(weight, t.layout)
+            units.append(unit)
         self.adapters.add(adapter_name, units)
         self._unused_rules[adapter_name] = matched.unused_rules
         known = {id(t.node) for t in self.targets}

@@ -32,6 +32,29 @@ def delta_weight(
     return delta * unit.scaling
 
 
+def oriented(weight: torch.Tensor, unit: LoraUnit, layout: str) -> torch.Tensor:
+    """W with DoRA's output dimension first: linear ``[out, in]``, embedding ``[dim, num]``, conv as is."""
+    return weight.T if unit.kind == "embedding" or layout == "in_out" else weight
+
+
+def dora_weight_norm(unit: LoraUnit, weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """``‖W + s·ΔW‖`` per output, detached, in PEFT's shape: ``[out]`` (linear), ``[dim]`` (embedding),
+    ``[1, out, 1, ...]`` (conv)."""
+    delta = oriented(delta_weight(unit, layout, weight.shape, weight.dtype), unit, layout)
+    w = oriented(weight, unit, layout) + delta
+    if unit.kind == "conv":
+        return w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(1, 0).detach()
+    return torch.linalg.norm(w, dim=1).detach()
+
+
+def dora_factor(unit: LoraUnit, weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """``m / ‖W + s·ΔW‖`` shaped to scale W (in its own layout) output by output."""
+    factor = unit.lora_magnitude_vector.detach().to(weight.dtype) / dora_weight_norm(unit, weight, layout)
+    if unit.kind == "conv":
+        return factor.transpose(1, 0)
+    return factor.view(1, -1) if unit.kind == "embedding" or layout == "in_out" else factor.view(-1, 1)
+
+
 def merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """The dtype merges are computed in: float32, or the weight's own dtype when it is wider (float64)."""
     return torch.promote_types(weight_dtype, torch.float32)
@@ -106,3 +129,66 @@ def lora_linear_group(x: torch.Tensor, ys: tuple, a_list: tuple, b_list: tuple, 
             y.view(-1, y.shape[-1]).addmm_(h, b.t(), alpha=s)
             outs.append(y)
     return tuple(outs)
+
+
+def dora_linear(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor, scaling: float,
+                in_out: bool, dropout: torch.nn.Module | None = None) -> torch.Tensor:
+    """PEFT's DoRA for a linear layer::
+
+        n = ‖W + s·B A‖ per row (detached);  k = m / n
+        y' = y + (k - 1) · (W x) + k · s · B A x
+
+    ``W x`` is ``y - bias``; in training with dropout, x is dropped out and ``W x`` recomputed, as PEFT does.
+    """
+    w = weight.t() if in_out else weight
+    lora_weight = lora_b @ lora_a
+    norm = torch.linalg.norm(w + scaling * lora_weight.detach(), dim=1).to(w.dtype).detach()
+    k = (magnitude / norm).view(1, -1)
+    recompute = dropout is not None and dropout.training
+    if recompute:
+        x = dropout(x)
+    lora_result = F.linear(F.linear(x, lora_a), lora_b)
+    if recompute:
+        base = F.linear(x, w)
+    else:
+        base = y - bias if bias is not None else y
+    return y + ((k - 1) * base + k * lora_result * scaling)
+
+
+def dora_embedding(idx: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                   lora_b: torch.Tensor, magnitude: torch.Tensor, scaling: float,
+                   padding_idx: int | None) -> torch.Tensor:
+    """PEFT's DoRA for an embedding: ``k = m / ‖Wᵀ + s·B A‖``; ``y' = k · y + k · s · emb(idx, Aᵀ) Bᵀ``."""
+    lora_weight = lora_b @ lora_a
+    norm = torch.linalg.norm(weight.t() + scaling * lora_weight.detach(), dim=1).to(weight.dtype).detach()
+    k = magnitude / norm
+    return k * y + k * (F.embedding(idx, lora_a.t(), padding_idx=padding_idx) @ lora_b.t()) * scaling
+
+
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def dora_conv(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor, scaling: float,
+              stride, padding, dilation, dropout: torch.nn.Module | None = None) -> torch.Tensor:
+    """PEFT's DoRA for a convolution (``x`` already padded for non-zero padding modes)::
+
+        n = ‖W + s·ΔW‖ per output channel (detached);  k = m / n
+        y' = y + (k - 1) · conv(x, W) + k · s · conv_B(conv_A(x))
+    """
+    conv = _CONV_FNS[weight.dim() - 2]
+    r = lora_a.shape[0]
+    lora_weight = (lora_b.reshape(-1, r) @ lora_a.reshape(r, -1)).reshape(weight.shape)
+    w = weight + scaling * lora_weight.detach()
+    norm = w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(1, 0).detach()
+    k = magnitude / norm
+    recompute = dropout is not None and dropout.training
+    if recompute:
+        x = dropout(x)
+    lora_result = conv(conv(x, lora_a, None, stride, padding, dilation), lora_b)
+    if recompute:
+        base = conv(x, weight, None, stride, padding, dilation)
+    else:
+        base = y - bias.view(1, -1, *([1] * (y.dim() - 2))) if bias is not None else y
+    return y + ((k - 1) * base + k * lora_result * scaling)

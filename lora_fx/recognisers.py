@@ -22,6 +22,11 @@ from .targets import Context, Target, Unsupported, arg, recogniser
 aten = torch.ops.aten
 
 
+def _module_bias(m: nn.Module, path: str) -> tuple[str, str] | None:
+    """Where a module's bias lives, for ops (DoRA) that need the base output without it."""
+    return ("attr", f"{path}.bias") if getattr(m, "bias", None) is not None else None
+
+
 def _is_hf_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
 
@@ -43,7 +48,7 @@ def linear_module(ctx: Context, node: fx.Node) -> Target | None:
     else:
         return None
     return Target(node.target, "linear", node, (0, "input"), f"{node.target}.weight", op, in_f, out_f,
-                  layout)
+                  layout, extra={"bias": _module_bias(m, node.target)})
 
 
 _LINEAR_FNS = {F.linear: "F.linear", aten.linear.default: "aten.linear"}
@@ -61,13 +66,13 @@ def linear_function(ctx: Context, node: fx.Node) -> Target | None:
     if node.op != "call_function":
         return None
     if node.target in _LINEAR_FNS:
-        at, w, layout = (0, "input"), arg(node, 1, "weight"), "out_in"
+        at, w, layout, bias = (0, "input"), arg(node, 1, "weight"), "out_in", ("arg", (2, "bias"))
     elif node.target in _MATMUL_FNS:
-        at, w, layout = (0, "input"), arg(node, 1, "other"), "in_out"
+        at, w, layout, bias = (0, "input"), arg(node, 1, "other"), "in_out", None
     elif node.target in _ADDMM_FNS:
-        if node.kwargs.get("alpha", 1) != 1:
+        if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("beta", 1) != 1:
             return None
-        at, w, layout = (1, "mat1"), arg(node, 2, "mat2"), "in_out"
+        at, w, layout, bias = (1, "mat1"), arg(node, 2, "mat2"), "in_out", ("arg", (0, "input"))
     else:
         return None
     found = ctx.param_of(w)
@@ -76,7 +81,8 @@ def linear_function(ctx: Context, node: fx.Node) -> Target | None:
     path, p = found
     out_f, in_f = p.shape if layout == "out_in" else p.shape[::-1]
     op = {**_LINEAR_FNS, **_MATMUL_FNS, **_ADDMM_FNS}[node.target]
-    return Target(ctx.key_for(node, path, p), "linear", node, at, path, op, in_f, out_f, layout)
+    return Target(ctx.key_for(node, path, p), "linear", node, at, path, op, in_f, out_f, layout,
+                  extra={"bias": bias})
 
 
 # ---- embedding ---------------------------------------------------------------------------------------
@@ -134,13 +140,14 @@ _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
 _TRANSPOSED_FNS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
 
-def _conv_target(node, key, at, path, weight, op, dims, stride, padding, dilation, groups, pad=None, pad_mode=None):
+def _conv_target(node, key, at, path, weight, op, dims, stride, padding, dilation, groups, pad=None, pad_mode=None,
+                 bias=None):
     if groups != 1:
         return Unsupported(key, "conv", node, f"grouped/depthwise convolution (groups={groups}) is not supported; "
                                               "LoRA's A and B convs are ungrouped")
     out_c, in_c = weight.shape[:2]
     extra = {"dims": dims, "kernel": tuple(weight.shape[2:]), "stride": stride, "padding": padding,
-             "dilation": dilation, "pad": pad, "pad_mode": pad_mode}
+             "dilation": dilation, "pad": pad, "pad_mode": pad_mode, "bias": bias}
     return Target(key, "conv", node, at, path, op, in_c, out_c, extra=extra)
 
 
@@ -160,7 +167,8 @@ def conv_module(ctx: Context, node: fx.Node) -> Target | Unsupported | None:
     if m.padding_mode != "zeros":  # the module pads explicitly, then convolves with no padding
         pad, pad_mode, padding = tuple(m._reversed_padding_repeated_twice), m.padding_mode, 0
     return _conv_target(node, node.target, (0, "input"), f"{node.target}.weight", m.weight,
-                        type(m).__name__, dims, m.stride, padding, m.dilation, m.groups, pad, pad_mode)
+                        type(m).__name__, dims, m.stride, padding, m.dilation, m.groups, pad, pad_mode,
+                        _module_bias(m, node.target))
 
 
 @recogniser
@@ -191,4 +199,4 @@ def conv_function(ctx: Context, node: fx.Node) -> Target | Unsupported | None:
     if transposed:
         return Unsupported(key, "conv", node, "transposed convolutions are not supported")
     return _conv_target(node, key, (0, "input"), path, p, op, dims or p.dim() - 2, stride, padding,
-                        dilation, groups)
+                        dilation, groups, bias=("arg", (2, "bias")))

@@ -75,11 +75,6 @@ class Rule:
             raise RuleError(f"Rule {self.label}: dropout must be in [0, 1), got {self.dropout!r}.")
         if self.init not in INITS:
             raise RuleError(f"Rule {self.label}: init must be one of {INITS}, got {self.init!r}.")
-        if self.use_dora:
-            raise RuleError(
-                f"Rule {self.label}: use_dora is not supported by this version of lora_fx; "
-                "remove use_dora (plain LoRA) or keep the model in PEFT for DoRA."
-            )
 
     @property
     def patterns(self) -> tuple[str, ...]:

@@ -42,11 +42,12 @@ class LoraUnit(nn.Module):
         super().__init__()
         self.key, self.kind = key, kind
         self.r, self.alpha, self.use_rslora = rule.r, rule.alpha, rule.use_rslora
-        self.init = rule.init
+        self.init, self.use_dora = rule.init, rule.use_dora
         self.extra = dict(extra or {})
         self.lora_A = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=device))
         self.dropout = nn.Dropout(rule.dropout) if rule.dropout > 0 else nn.Identity()
+        self.register_parameter("lora_magnitude_vector", None)  # DoRA's m, set by init_magnitude
         self.reset_parameters(rule.init)
 
     @property
@@ -77,8 +78,18 @@ class LoraUnit(nn.Module):
         else:
             b.zero_()
 
+    @torch.no_grad()
+    def init_magnitude(self, weight: torch.Tensor, layout: str) -> None:
+        """DoRA: ``m = ‖W + s·ΔW‖`` per output (row of a linear, column of an embedding table, output channel
+        of a conv, in PEFT's shape for each), so the adapted layer starts equal to the base layer."""
+        from .ops import dora_weight_norm  # ops imports this module
+
+        norm = dora_weight_norm(self, weight.detach(), layout)
+        self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.dtype))
+
     def extra_repr(self) -> str:
-        return f"key={self.key!r}, kind={self.kind}, r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+        dora = ", dora" if self.use_dora else ""
+        return f"key={self.key!r}, kind={self.kind}, r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{dora}"
 
 
 class _Units(nn.Module):

@@ -49,7 +49,6 @@ def test_scaling_and_rslora():
     (dict(dropout=-0.1), "dropout must be in [0, 1)"),
     (dict(kinds={"lstm"}), "unknown kinds"),
     (dict(init="pissa"), "init must be one of"),
-    (dict(use_dora=True), "use_dora is not supported"),
 ])
 def test_bad_rules_name_the_rule(kwargs, fragment):
     with pytest.raises(RuleError) as e:
@@ -81,7 +80,7 @@ def test_lora_config_translation():
 
 
 @pytest.mark.parametrize("cfg,fragment", [
-    (dict(target_modules=["q"], use_dora=True), "use_dora"),
+    (dict(target_modules=["q"], lora_bias=True), "lora_bias"),
     (dict(target_modules=["q"], bias="all"), "bias"),
     (dict(target_modules=["q"], modules_to_save=["head"]), "modules_to_save"),
     (dict(target_modules=None), "target_modules"),

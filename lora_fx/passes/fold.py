@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import MergeError
-from ..ops import delta_weight, merge_dtype
+from ..ops import delta_weight, dora_factor, merge_dtype
 from ..store import LoraUnit
 from ..targets import Target
 from .common import TAG, finish
@@ -35,6 +35,7 @@ class Folded:
     param: nn.Parameter  # the base weight the key read before merging
     original: torch.Tensor | None = None  # exact copy of W (in-place merges)
     deltas: torch.Tensor | None = None  # Σ s·ΔW, when no copy was kept
+    factor: torch.Tensor | None = None  # DoRA's m / ‖W + ΔW‖, when no copy was kept
     untied: nn.Parameter | None = None  # the key's own merged copy (shared weights)
     modules: list[tuple[nn.Module, nn.Parameter]] = field(default_factory=list)  # (module, its old weight)
     rewired: list[tuple[fx.Node, fx.Node, fx.Node]] = field(default_factory=list)  # (node, new, old weight input)
@@ -62,21 +63,28 @@ def fold_weights(
     for key, ts in by_key.items():
         w = gm.get_parameter(ts[0].weight_path)
         dtype = merge_dtype(w.dtype)
-        delta = sum(delta_weight(u, ts[0].layout, w.shape, dtype) for _, u in units_by_key[key])
-        merged = (w.detach().to(dtype) + delta).to(w.dtype)
+        units = units_by_key[key]
+        delta = sum(delta_weight(u, ts[0].layout, w.shape, dtype) for _, u in units)
+        factor = None
+        if any(u.use_dora for _, u in units):
+            if len(units) > 1:
+                raise MergeError(f"{key!r} has a DoRA adapter and other adapters active; merge them one at a time.")
+            factor = dora_factor(units[0][1], w.detach().to(dtype), ts[0].layout)  # W' = m/‖W+ΔW‖ · (W+ΔW)
+        merged = w.detach().to(dtype) + delta
+        merged = (merged * factor if factor is not None else merged).to(w.dtype)
         if safe and not torch.isfinite(merged).all():
             names = [a for a, _ in units_by_key[key]]
             raise MergeError(f"Merging adapter(s) {names} into {key!r} gives non-finite weights; nothing was merged. "
                              f"Check the lora_A / lora_B of {key!r} for inf or NaN.")
         shared = uses.get(id(w), 0) > len(ts)
-        plans.append((key, ts, w, merged, delta, shared))
+        plans.append((key, ts, w, merged, delta, factor, shared))
     folded = []
-    for key, ts, w, merged, delta, shared in plans:
+    for key, ts, w, merged, delta, factor, shared in plans:
         if shared:
             folded.append(_untie(gm, source, key, ts, w, merged))
         else:
             f = Folded(key, w, original=w.detach().clone() if keep_original else None,
-                       deltas=None if keep_original else delta)
+                       deltas=None if keep_original else delta, factor=None if keep_original else factor)
             with torch.no_grad():
                 w.copy_(merged)
             folded.append(f)
@@ -102,8 +110,10 @@ def unfold_weights(gm: fx.GraphModule, folded: list[Folded]) -> None:
             if f.original is not None:
                 f.param.copy_(f.original)
             else:
-                dtype = merge_dtype(f.param.dtype)
-                f.param.copy_((f.param.detach().to(dtype) - f.deltas).to(f.param.dtype))
+                w = f.param.detach().to(merge_dtype(f.param.dtype))
+                if f.factor is not None:
+                    w = w / f.factor
+                f.param.copy_((w - f.deltas).to(f.param.dtype))
     finish(gm)
 
 

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .. import ops
+from ..errors import AdapterError
 from ..store import AdapterStore
-from ..targets import Target
+from ..targets import Target, arg
 from .common import finish, new_node
 from .fuse import emit_group, fusable, sibling_group
 
@@ -69,6 +71,39 @@ def _conv_delta(g: fx.Graph, t: Target, unit_path: str, x: fx.Node, tag: dict) -
 DELTA_BUILDERS: dict[str, DeltaBuilder] = {"linear": _linear_delta, "embedding": _embedding_delta, "conv": _conv_delta}
 
 
+def _bias_node(g: fx.Graph, t: Target, tag: dict) -> fx.Node | None:
+    where = t.extra.get("bias")
+    if where is None:
+        return None
+    if where[0] == "attr":
+        return new_node(g, "get_attr", where[1], (), f"{t.node.name}_bias", tag)
+    return arg(t.node, *where[1])
+
+
+def _dora(g: fx.Graph, t: Target, unit_path: str, unit, y: fx.Node, tag: dict) -> fx.Node:
+    """One node computing PEFT's DoRA output from the base output ``y`` (see ops.dora_*)."""
+    n = unit_path.rsplit(".", 1)[-1]
+    a = new_node(g, "get_attr", f"{unit_path}.lora_A", (), f"{n}_lora_A", tag)
+    b = new_node(g, "get_attr", f"{unit_path}.lora_B", (), f"{n}_lora_B", tag)
+    m = new_node(g, "get_attr", f"{unit_path}.lora_magnitude_vector", (), f"{n}_lora_magnitude", tag)
+    w = new_node(g, "get_attr", t.weight_path, (), f"{n}_base_weight", tag)
+    dropout = (new_node(g, "get_attr", f"{unit_path}.dropout", (), f"{n}_lora_dropout", tag)
+               if unit.dropout_p > 0 else None)
+    x, s = t.input, float(unit.scaling)
+    if t.kind == "embedding":
+        args = (x, y, w, a, b, m, s, t.extra.get("padding_idx"))
+        return new_node(g, "call_function", ops.dora_embedding, args, f"{n}_dora", tag)
+    bias = _bias_node(g, t, tag)
+    if t.kind == "linear":
+        args = (x, y, w, bias, a, b, m, s, t.layout == "in_out", dropout)
+        return new_node(g, "call_function", ops.dora_linear, args, f"{n}_dora", tag)
+    e = t.extra
+    if e["pad_mode"] is not None:
+        x = new_node(g, "call_function", F.pad, (x, e["pad"]), f"{n}_lora_pad", tag, {"mode": e["pad_mode"]})
+    args = (x, y, w, bias, a, b, m, s, e["stride"], e["padding"], e["dilation"], dropout)
+    return new_node(g, "call_function", ops.dora_conv, args, f"{n}_dora", tag)
+
+
 def insert_lora(
     gm: fx.GraphModule, store: AdapterStore, targets: list[Target], adapters: list[str], store_name: str = "lora",
     fuse: bool = True,
@@ -85,10 +120,11 @@ def insert_lora(
         units = [(a, u) for a, u in units if u is not None]
         if not units:
             continue
-        if fuse and len(units) == 1 and fusable(gm, t, units[0][1]):
+        if fuse and len(units) == 1 and not units[0][1].use_dora and fusable(gm, t, units[0][1]):
             adapter, unit = units[0]
             rest = [u for u in targets[i + 1:] if id(u.node) not in done and u.key in store.units(adapter)
-                    and fusable(gm, u, store.unit(adapter, u.key)) and store.unit(adapter, u.key).dropout_p == 0]
+                    and fusable(gm, u, store.unit(adapter, u.key)) and store.unit(adapter, u.key).dropout_p == 0
+                    and not store.unit(adapter, u.key).use_dora]
             group = sibling_group(gm, t, rest, dropout=unit.dropout_p > 0)
             grp = emit_group(gm, store, group, adapter, store_name)
             for member in group:
@@ -113,6 +149,13 @@ def _insert_plain(gm: fx.GraphModule, store: AdapterStore, t: Target, units: lis
             tag = {"adapter": adapter, "key": t.key, "base": t.node.name, "role": "branch"}
             unit_path = f"{store_name}.{store.unit_path(adapter, t.key)}"
             name = unit_path.rsplit(".", 1)[-1]
+            if unit.use_dora:
+                if unit.lora_A.dtype != base_dtype:
+                    raise AdapterError(f"DoRA on {t.key!r} needs the adapter in the base weight's dtype "
+                                       f"({base_dtype}); lorafy with autocast_adapter_dtype=False.")
+                out = _dora(g, t, unit_path, unit, out, tag)
+                inserted.append(out)
+                continue
             x = t.input
             reads_activation = t.kind != "embedding"  # an embedding's input is indices: no cast, no dropout
             if reads_activation and unit.lora_A.dtype != base_dtype:
@@ -123,7 +166,7 @@ def _insert_plain(gm: fx.GraphModule, store: AdapterStore, t: Target, units: lis
             scaled = new_node(g, "call_function", operator.mul, (delta, unit.scaling), f"{name}_lora_scaled", tag)
             out = new_node(g, "call_function", operator.add, (out, scaled), f"{name}_lora", tag)
             inserted.append(out)
-        if units[0][1].lora_A.dtype != base_dtype:
+        if units[0][1].lora_A.dtype != base_dtype and not units[0][1].use_dora:
             out = new_node(g, "call_method", "to", (out, base_dtype), f"{name}_lora_out", tag)
     out.meta["lora_fx"]["role"] = "out"
     first = inserted[0]

@@ -1,0 +1,88 @@
+"""LoRA variants against PEFT: DoRA (linear, Conv1D, embedding, conv) forward, train-mode dropout,
+merge, checkpoints both ways; rsLoRA and init schemes."""
+
+import pytest
+import torch
+from helpers import rel_err, run
+from peft import LoraConfig, PeftModel, get_peft_model
+from zoo import ZOO
+
+import lora_fx
+from lora_fx import Rule
+
+
+def _peft_dora(case, tmp_path, **cfg):
+    torch.manual_seed(3)
+    pm = get_peft_model(case.build(), LoraConfig(target_modules=case.targets, use_dora=True, init_lora_weights=False,
+                                                 fan_in_fan_out=case.fan_in_fan_out, **cfg)).eval()
+    pm.save_pretrained(tmp_path)
+    return pm
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "embed", "llama", "gpt2", "bert"])
+def test_dora_matches_peft_and_checkpoints_interchange(name, tmp_path):
+    c = ZOO[name]
+    pm = _peft_dora(c, tmp_path / "peft", lora_dropout=0.1)
+    lm = lora_fx.from_peft(c.build(), tmp_path / "peft", **c.lorafy_kwargs()).eval()
+    assert all(u.use_dora and u.lora_magnitude_vector is not None for _, u in lm.adapters.iter_units())
+    ours = run(lm, c)
+    assert rel_err(ours, run(pm, c)) < 1e-6
+    lm.save_pretrained(tmp_path / "ours")
+    back = PeftModel.from_pretrained(c.build(), tmp_path / "ours").eval()
+    assert rel_err(run(back, c), ours) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "llama"])
+def test_dora_train_mode_dropout_matches_peft(name, tmp_path):
+    """In training with dropout, DoRA recomputes W·dropout(x); same seed, same masks, same outputs."""
+    c = ZOO[name]
+    pm = _peft_dora(c, tmp_path, lora_dropout=0.3)
+    lm = lora_fx.from_peft(c.build(), tmp_path, **c.lorafy_kwargs())
+    pm.train(), lm.train()
+    x = c.inputs()
+    torch.manual_seed(7)
+    ours = lm(*x)
+    torch.manual_seed(7)
+    theirs = pm(*x)
+    ours, theirs = (o if isinstance(o, torch.Tensor) else o[0] for o in (ours, theirs))
+    assert rel_err(ours.detach(), theirs.detach()) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "embed", "llama"])
+def test_dora_init_is_identity_and_merge_round_trip(name):
+    c = ZOO[name]
+    model = c.build()
+    base = run(model, c)
+    lm = lora_fx.lorafy(model, Rule(c.targets, r=4, use_dora=True), **c.lorafy_kwargs())
+    assert rel_err(run(lm, c), base) < 1e-6
+    for _, unit in lm.adapters.iter_units():  # a trained-looking adapter: B and m moved
+        torch.nn.init.normal_(unit.lora_A if unit.kind == "embedding" else unit.lora_B, std=0.1)
+        with torch.no_grad():
+            unit.lora_magnitude_vector.mul_(1.1)
+    before = run(lm, c)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lm.merge()
+    assert "dora" not in lm.graph_module.code and rel_err(run(lm, c), before) < 1e-5
+    lm.unmerge()
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    gm = lm.merge_and_unload()
+    assert rel_err(run(gm, c), before) < 1e-5
+
+
+def test_dora_trains_magnitude():
+    c = ZOO["mlp"]
+    lm = lora_fx.lorafy(c.build(), Rule(c.targets, use_dora=True, init=False))
+    out = run(lm, c).requires_grad_(False)
+    loss = (lm(*c.inputs()) - out - 1).square().mean()
+    loss.backward()
+    unit = lm.unit("fc1")
+    assert unit.lora_magnitude_vector.grad is not None and unit.lora_magnitude_vector.grad.abs().sum() > 0
+    assert any(p is unit.lora_magnitude_vector for p in lm.trainable_parameters())
+
+
+def test_gaussian_init_matches_peft_distribution_and_identity():
+    c = ZOO["mlp"]
+    lm = lora_fx.lorafy(c.build(), Rule(c.targets, r=64, init="gaussian"))
+    unit = lm.unit("fc1")
+    assert torch.count_nonzero(unit.lora_B) == 0
+    assert abs(unit.lora_A.std().item() - 1 / 64) < 0.2 / 64  # PEFT: A ~ N(0, 1/r)

@@ -48,7 +48,8 @@ def adapter_dir(path: str | os.PathLike, adapter_name: str) -> Path:
     return Path(path) if adapter_name == "default" else Path(path) / adapter_name
 
 
-def peft_config_dict(units: list[LoraUnit], fan_in_fan_out: bool, base_model: str | None) -> dict[str, Any]:
+def peft_config_dict(units: list[LoraUnit], fan_in_fan_out: bool, base_model: str | None,
+                     bias: str = "none") -> dict[str, Any]:
     """A LoraConfig dict that makes PEFT build exactly these units (per-key r/alpha as patterns)."""
     r = Counter(u.r for u in units).most_common(1)[0][0]
     alpha = Counter(u.alpha for u in units).most_common(1)[0][0]
@@ -66,15 +67,18 @@ def peft_config_dict(units: list[LoraUnit], fan_in_fan_out: bool, base_model: st
         "target_modules": sorted(u.key for u in units), "exclude_modules": None,
         "rank_pattern": {u.key: u.r for u in units if u.r != r},
         "alpha_pattern": {u.key: u.alpha for u in units if u.alpha != alpha},
-        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": rslora.pop(), "use_dora": dora.pop(),
+        "fan_in_fan_out": fan_in_fan_out, "bias": bias, "use_rslora": rslora.pop(), "use_dora": dora.pop(),
         "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
         "lora_bias": False,
     }
 
 
-def save_adapter(directory: Path, units: list[LoraUnit], config: dict[str, Any]) -> None:
-    """Write one adapter's tensors and config into ``directory`` (created if needed), atomically per file."""
+def save_adapter(directory: Path, units: list[LoraUnit], config: dict[str, Any],
+                 extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write one adapter's tensors (plus ``extra`` ones, e.g. trainable biases, by PEFT name) and config into
+    ``directory`` (created if needed), atomically per file."""
     tensors = {name: p.detach().to("cpu").contiguous() for unit in units for name, p in unit_tensors(unit).items()}
+    tensors.update({name: p.detach().to("cpu").contiguous() for name, p in (extra or {}).items()})
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME,
@@ -137,9 +141,12 @@ def strip_adapter_name(tensors: dict[str, torch.Tensor], adapter_name: str) -> d
     return out
 
 
-def check_and_copy(units: list[LoraUnit], tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Verify that ``tensors`` hold exactly the units' tensors with the right shapes, then copy them in."""
+def check_and_copy(units: list[LoraUnit], tensors: dict[str, torch.Tensor], source: Path,
+                   extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Verify that ``tensors`` hold exactly the units' tensors (and ``extra``'s) with the right shapes, then copy
+    them in; nothing is copied unless everything fits."""
     expected = {name: p for unit in units for name, p in unit_tensors(unit).items()}
+    expected.update(extra or {})
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:

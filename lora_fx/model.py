@@ -19,6 +19,7 @@ from torch import nn
 
 from .capture import Captured
 from .checkpoint import (
+    PREFIX,
     WEIGHTS_NAME,
     adapter_dir,
     check_and_copy,
@@ -56,6 +57,7 @@ class LoraModel(nn.Module):
         self._merged: list[str] = []
         self._folded: list[Folded] = []
         self._records: list[dict] = []
+        self._bias: dict[str, str] = {}  # adapter -> PEFT's bias mode
         self._ready = True
 
     # ---- calling -------------------------------------------------------------------------------------
@@ -118,6 +120,7 @@ class LoraModel(nn.Module):
                 unit.init_magnitude(weight, t.layout)
             units.append(unit)
         self.adapters.add(adapter_name, units)
+        self._bias[adapter_name] = ruleset.bias
         self._unused_rules[adapter_name] = matched.unused_rules
         known = {id(t.node) for t in self.targets}
         self.targets += [t for t in matched.targets if id(t.node) not in known]
@@ -138,6 +141,8 @@ class LoraModel(nn.Module):
         if adapter_name in self._merged:
             raise MergeError(f"Adapter {adapter_name!r} is merged into the weights; unmerge() before deleting it.")
         self.adapters.delete(adapter_name)
+        self._bias.pop(adapter_name, None)
+        self._freeze()
         self._unused_rules.pop(adapter_name, None)
         self.refresh()
 
@@ -161,6 +166,27 @@ class LoraModel(nn.Module):
         for name, unit in store.iter_units():
             for p in unit.parameters():
                 p.requires_grad_(name in store.active)
+        for name in store.active:
+            for p in self.bias_parameters(name).values():
+                p.requires_grad_(True)
+
+    def bias_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """The base biases adapter ``adapter_name`` trains (PEFT's ``bias="all"`` / ``"lora_only"``), by the
+        names PEFT saves them under."""
+        mode = self._bias.get(adapter_name, "none")
+        if mode == "none":
+            return {}
+        keys = set(self.adapters.units(adapter_name))
+        out = {}
+        for path, p in self.graph_module.named_parameters():
+            owner, _, leaf = path.rpartition(".")
+            if "bias" not in leaf or path.startswith(self._store_name + "."):
+                continue
+            if owner in keys:
+                out[f"{PREFIX}{owner}.base_layer.{leaf}"] = p
+            elif mode == "all":
+                out[f"{PREFIX}{path}"] = p
+        return out
 
     # ---- merging ------------------------------------------------------------------------------------
     @property
@@ -229,7 +255,8 @@ class LoraModel(nn.Module):
             units = list(self.adapters.units(name).values())
             keys = {u.key for u in units}
             fan_in_fan_out = any(t.layout == "in_out" for t in self.targets if t.key in keys)
-            save_adapter(adapter_dir(path, name), units, peft_config_dict(units, fan_in_fan_out, base))
+            config = peft_config_dict(units, fan_in_fan_out, base, self._bias.get(name, "none"))
+            save_adapter(adapter_dir(path, name), units, config, self.bias_parameters(name))
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", *,
                      allow_pickle: bool = False) -> None:
@@ -241,7 +268,8 @@ class LoraModel(nn.Module):
         active = self.active_adapters
         self.add_adapter(adapter_name, ruleset_from_peft_config(config), autocast_adapter_dtype=True)
         try:
-            check_and_copy(list(self.adapters.units(adapter_name).values()), tensors, directory / WEIGHTS_NAME)
+            check_and_copy(list(self.adapters.units(adapter_name).values()), tensors, directory / WEIGHTS_NAME,
+                           self.bias_parameters(adapter_name))
         except Exception:
             self.delete_adapter(adapter_name)
             if active:

@@ -48,8 +48,6 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
     for name in _UNSUPPORTED_WHEN_TRUE:
         if c.get(name):
             raise RuleError(f"LoraConfig.{name}=True is not supported by this version of lora_fx; set it to False.")
-    if c.get("bias", "none") != "none":
-        raise RuleError(f"LoraConfig.bias={c['bias']!r} is not supported yet; use bias='none'.")
     init = c.get("init_lora_weights", True)
     if init not in (True, False, "gaussian"):
         raise RuleError(
@@ -83,4 +81,5 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
         pattern = (pattern,)
     return RuleSet(rules, dict(c.get("rank_pattern") or {}), dict(c.get("alpha_pattern") or {}),
                    layers=tuple(layers) if layers is not None else None,
-                   layers_pattern=tuple(pattern) if pattern else None, exclude_output_layer=all_linear)
+                   layers_pattern=tuple(pattern) if pattern else None, exclude_output_layer=all_linear,
+                   bias=c.get("bias", "none") or "none")

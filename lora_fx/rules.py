@@ -25,6 +25,7 @@ from .errors import RuleError
 
 KINDS = frozenset({"linear", "embedding", "conv"})
 INITS = (True, False, "default", "gaussian")
+BIAS_MODES = ("none", "all", "lora_only")
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,11 @@ class RuleSet:
     layers: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
     exclude_output_layer: bool = False
+    bias: str = "none"  # PEFT's bias: "none" | "all" (every bias trainable) | "lora_only" (targeted layers')
+
+    def __post_init__(self) -> None:
+        if self.bias not in BIAS_MODES:
+            raise RuleError(f"bias={self.bias!r}: use one of {BIAS_MODES}.")
 
     def decide(self, key: str, kind: str) -> Rule | None:
         """The first rule that matches (an exclude rule included), or None."""

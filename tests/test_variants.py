@@ -86,3 +86,27 @@ def test_gaussian_init_matches_peft_distribution_and_identity():
     unit = lm.unit("fc1")
     assert torch.count_nonzero(unit.lora_B) == 0
     assert abs(unit.lora_A.std().item() - 1 / 64) < 0.2 / 64  # PEFT: A ~ N(0, 1/r)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_modes_match_peft(bias, tmp_path):
+    c = ZOO["qwen2"]  # q/k/v have biases
+    cfg = dict(target_modules=["q_proj", "v_proj"], bias=bias, init_lora_weights=False)
+    torch.manual_seed(3)
+    pm = get_peft_model(c.build(), LoraConfig(**cfg)).eval()
+    with torch.no_grad():  # trained biases
+        for n, p in pm.named_parameters():
+            if p.requires_grad and "bias" in n:
+                p.add_(torch.randn_like(p))
+    peft_trainable = {n for n, p in pm.named_parameters() if p.requires_grad and "lora_" not in n}
+    pm.save_pretrained(tmp_path / "peft")
+    lm = lora_fx.from_peft(c.build(), tmp_path / "peft", **c.lorafy_kwargs())
+    ours = set(lm.bias_parameters("default"))
+    assert len(ours) == (6 if bias == "all" else 4)  # q, k, v (all) or q, v (lora_only) in two layers
+    assert {n.replace("base_model.model.", "") for n in ours} == {n.replace("base_model.model.", "")
+                                                                   for n in peft_trainable}
+    assert len(lm.trainable_parameters()) == sum(p.requires_grad for p in pm.parameters())
+    assert rel_err(run(lm, c), run(pm, c)) < 1e-6
+    lm.save_pretrained(tmp_path / "ours")
+    back = PeftModel.from_pretrained(c.build(), tmp_path / "ours").eval()
+    assert rel_err(run(back, c), run(pm, c)) < 1e-6

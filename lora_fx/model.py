@@ -10,8 +10,11 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,9 +37,10 @@ from .matching import match_targets
 from .passes import insert_lora, remove_lora
 from .passes.fold import Folded, fold_weights, unfold_weights
 from .passes.insert import adapter_dtype
+from .passes.saved import restore_saved, swap_saved
 from .peft_config import ruleset_from_peft_config
 from .report import RewriteReport, passes_summary
-from .rules import RuleLike, as_ruleset, exclude_output_layer
+from .rules import Rule, RuleLike, as_ruleset, exclude_output_layer, saved_modules
 from .store import AdapterStore, LoraUnit, check_adapter_name, unit_shapes
 from .targets import Target, find_targets
 
@@ -102,6 +106,10 @@ class LoraModel(nn.Module):
         ruleset = as_ruleset(rules)
         if ruleset.exclude_output_layer:
             ruleset = exclude_output_layer(ruleset, self._captured.source)
+        saved = saved_modules(ruleset, self._captured.source)
+        if saved:  # PEFT never puts LoRA inside a module it saves whole
+            excludes = [Rule(f"re:(.*\\.)?{re.escape(p)}(\\..*)?", exclude=True) for p in saved]
+            ruleset = replace(ruleset, rules=[*excludes, *ruleset.rules])
         matched = match_targets(self._found, ruleset, type(self._captured.source).__name__)
         units, seen = [], set()
         for t in matched.targets:
@@ -119,7 +127,7 @@ class LoraModel(nn.Module):
                                        " pass autocast_adapter_dtype=False.")
                 unit.init_magnitude(weight, t.layout)
             units.append(unit)
-        self.adapters.add(adapter_name, units)
+        self.adapters.add(adapter_name, units, {p: copy.deepcopy(m).requires_grad_(True) for p, m in saved.items()})
         self._bias[adapter_name] = ruleset.bias
         self._unused_rules[adapter_name] = matched.unused_rules
         known = {id(t.node) for t in self.targets}
@@ -149,12 +157,19 @@ class LoraModel(nn.Module):
     def refresh(self) -> None:
         """Rebuild the LoRA branches from the store (after a change of adapters, dtypes or scales)."""
         remove_lora(self.graph_module)
+        restore_saved(self.graph_module)
         live = [a for a in self.active_adapters if a not in self._merged]
         try:
             self._records = insert_lora(self.graph_module, self.adapters, self.targets, live, self._store_name,
                                         fuse=self.fuse)
+            copies: dict[str, str] = {}
+            for name in self.active_adapters:  # the first active adapter's copy of each saved module
+                for path, (copy_path, _) in self.adapters.saved(name).items():
+                    copies.setdefault(path, f"{self._store_name}.{copy_path}")
+            swap_saved(self.graph_module, copies)
         except Exception:
             remove_lora(self.graph_module)
+            restore_saved(self.graph_module)
             raise
 
     def _freeze(self) -> None:
@@ -166,9 +181,19 @@ class LoraModel(nn.Module):
         for name, unit in store.iter_units():
             for p in unit.parameters():
                 p.requires_grad_(name in store.active)
+        for name in store.names:
+            for _, module in store.saved(name).values():
+                module.requires_grad_(name in store.active)
         for name in store.active:
             for p in self.bias_parameters(name).values():
                 p.requires_grad_(True)
+
+    def _extra_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """Checkpoint tensors besides the units': trained biases and modules_to_save copies, by PEFT name."""
+        out = self.bias_parameters(adapter_name)
+        for path, (_, module) in self.adapters.saved(adapter_name).items():
+            out.update({f"{PREFIX}{path}.{n}": p for n, p in module.named_parameters()})
+        return out
 
     def bias_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """The base biases adapter ``adapter_name`` trains (PEFT's ``bias="all"`` / ``"lora_only"``), by the
@@ -227,7 +252,7 @@ class LoraModel(nn.Module):
         if not self._merged:
             self.merge(safe=safe, keep_original=False)
         self._folded = []
-        return self._unload()
+        return self._unload(keep_saved=True)
 
     def unload(self) -> torch.fx.GraphModule:
         """The base graph with no LoRA, weights as they were before any merge."""
@@ -235,9 +260,16 @@ class LoraModel(nn.Module):
             self.unmerge()
         return self._unload()
 
-    def _unload(self) -> torch.fx.GraphModule:
+    def _unload(self, keep_saved: bool = False) -> torch.fx.GraphModule:
         gm = self.graph_module
+        if keep_saved:  # the active adapter's trained copies of modules_to_save replace the originals
+            for name in self.active_adapters:
+                for path, (_, module) in self.adapters.saved(name).items():
+                    with torch.no_grad():
+                        for pname, p in module.named_parameters():
+                            gm.get_parameter(f"{path}.{pname}").copy_(p)
         remove_lora(gm)
+        restore_saved(gm)
         for p in self.adapters.parameters():
             p.requires_grad_(False)
         delattr(gm, self._store_name)
@@ -256,7 +288,8 @@ class LoraModel(nn.Module):
             keys = {u.key for u in units}
             fan_in_fan_out = any(t.layout == "in_out" for t in self.targets if t.key in keys)
             config = peft_config_dict(units, fan_in_fan_out, base, self._bias.get(name, "none"))
-            save_adapter(adapter_dir(path, name), units, config, self.bias_parameters(name))
+            config["modules_to_save"] = sorted(self.adapters.saved(name)) or None
+            save_adapter(adapter_dir(path, name), units, config, self._extra_tensors(name))
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", *,
                      allow_pickle: bool = False) -> None:
@@ -269,7 +302,7 @@ class LoraModel(nn.Module):
         self.add_adapter(adapter_name, ruleset_from_peft_config(config), autocast_adapter_dtype=True)
         try:
             check_and_copy(list(self.adapters.units(adapter_name).values()), tensors, directory / WEIGHTS_NAME,
-                           self.bias_parameters(adapter_name))
+                           self._extra_tensors(adapter_name))
         except Exception:
             self.delete_adapter(adapter_name)
             if active:

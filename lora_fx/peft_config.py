@@ -19,7 +19,7 @@ from .rules import Rule, RuleSet
 
 # Options that change what PEFT builds and that this version does not reproduce: refuse, never ignore.
 _UNSUPPORTED_WHEN_SET = (
-    "modules_to_save", "megatron_config", "trainable_token_indices",
+    "megatron_config", "trainable_token_indices",
     "eva_config", "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
     "monteclora_config", "layer_replication", "target_parameters", "arrow_config", "kasa_config", "use_bdlora",
 )
@@ -82,4 +82,5 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
     return RuleSet(rules, dict(c.get("rank_pattern") or {}), dict(c.get("alpha_pattern") or {}),
                    layers=tuple(layers) if layers is not None else None,
                    layers_pattern=tuple(pattern) if pattern else None, exclude_output_layer=all_linear,
-                   bias=c.get("bias", "none") or "none")
+                   bias=c.get("bias", "none") or "none",
+                   modules_to_save=tuple(c["modules_to_save"]) if c.get("modules_to_save") else None)

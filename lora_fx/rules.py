@@ -133,6 +133,7 @@ class RuleSet:
     layers_pattern: tuple[str, ...] | None = None
     exclude_output_layer: bool = False
     bias: str = "none"  # PEFT's bias: "none" | "all" (every bias trainable) | "lora_only" (targeted layers')
+    modules_to_save: tuple[str, ...] | None = None  # PEFT's: whole modules trained as copies, saved in full
 
     def __post_init__(self) -> None:
         if self.bias not in BIAS_MODES:
@@ -203,3 +204,18 @@ def exclude_output_layer(ruleset: RuleSet, model: Any) -> RuleSet:
         return ruleset
     return replace(ruleset, rules=[Rule("re:" + re.escape(path), exclude=True), *ruleset.rules],
                    exclude_output_layer=False)
+
+
+def saved_modules(ruleset: RuleSet, model: Any) -> dict[str, Any]:
+    """Module path -> module for ``ruleset.modules_to_save``, with PEFT's matching (the path ends with a
+    name); the outermost of nested matches. RuleError when a name matches nothing."""
+    if not ruleset.modules_to_save:
+        return {}
+    found: dict[str, Any] = {}
+    for name in ruleset.modules_to_save:
+        hits = [(p, m) for p, m in model.named_modules() if p and p.endswith(name)]
+        if not hits:
+            raise RuleError(f"modules_to_save={name!r} matches no module of {type(model).__name__}; "
+                            "name a module path or its last part (e.g. 'classifier', 'score').")
+        found.update(hits)
+    return {p: m for p, m in found.items() if not any(p.startswith(q + ".") for q in found if q != p)}

@@ -93,7 +93,19 @@ class LoraUnit(nn.Module):
 
 
 class _Units(nn.Module):
-    """The units of one adapter, as children named after their keys."""
+    """The units of one adapter, as children named after their keys (plus ``saved``, see _Saved)."""
+
+
+class _Saved(nn.Module):
+    """PEFT's ``modules_to_save``: trainable copies of whole modules, children named after their paths."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.paths: dict[str, str] = {}  # original module path -> child name
+        taken: set[str] = set()
+        for path, module in modules.items():
+            self.paths[path] = _unit_name(path, taken)
+            self.add_module(self.paths[path], module)
 
 
 class AdapterStore(nn.Module):
@@ -103,15 +115,25 @@ class AdapterStore(nn.Module):
         super().__init__()
         self.active: list[str] = []
 
-    def add(self, name: str, units: list[LoraUnit]) -> None:
+    def add(self, name: str, units: list[LoraUnit], saved: dict[str, nn.Module] | None = None) -> None:
         check_adapter_name(name)
         if name in self._modules:
             raise AdapterError(f"Adapter {name!r} already exists; pick another adapter_name or delete it first.")
         holder = _Units()
-        taken: set[str] = set()
+        taken: set[str] = {"saved"}
         for unit in units:
             holder.add_module(_unit_name(unit.key, taken), unit)
+        if saved:
+            holder.add_module("saved", _Saved(saved))
         self.add_module(name, holder)
+
+    def saved(self, name: str) -> dict[str, tuple[str, nn.Module]]:
+        """Original module path -> (attribute path below the store, trainable copy) for adapter ``name``."""
+        holder = self._holder(name)
+        box = getattr(holder, "saved", None)
+        if box is None:
+            return {}
+        return {path: (f"{name}.saved.{child}", box.get_submodule(child)) for path, child in box.paths.items()}
 
     def delete(self, name: str) -> None:
         self._holder(name)
@@ -124,7 +146,7 @@ class AdapterStore(nn.Module):
 
     def units(self, name: str) -> dict[str, LoraUnit]:
         """key -> unit for adapter ``name``."""
-        return {u.key: u for u in self._holder(name).children()}
+        return {u.key: u for u in self._holder(name).children() if isinstance(u, LoraUnit)}
 
     def unit(self, name: str, key: str) -> LoraUnit:
         units = self.units(name)
@@ -135,13 +157,13 @@ class AdapterStore(nn.Module):
     def unit_path(self, name: str, key: str) -> str:
         """Attribute path of the unit below the store, e.g. ``default.model_layers_0_q_proj``."""
         for child_name, unit in self._holder(name).named_children():
-            if unit.key == key:
+            if isinstance(unit, LoraUnit) and unit.key == key:
                 return f"{name}.{child_name}"
         raise AdapterError(f"Adapter {name!r} has no unit for key {key!r}.")
 
     def iter_units(self) -> Iterator[tuple[str, LoraUnit]]:
         for name in self.names:
-            for unit in self._holder(name).children():
+            for unit in self.units(name).values():
                 yield name, unit
 
     def _holder(self, name: str) -> nn.Module:

@@ -110,3 +110,35 @@ def test_bias_modes_match_peft(bias, tmp_path):
     lm.save_pretrained(tmp_path / "ours")
     back = PeftModel.from_pretrained(c.build(), tmp_path / "ours").eval()
     assert rel_err(run(back, c), run(pm, c)) < 1e-6
+
+
+@pytest.mark.parametrize("name,saved", [("mlp", ["head"]), ("bert", ["pooler"]), ("llama", ["lm_head"])])
+def test_modules_to_save_match_peft(name, saved, tmp_path):
+    c = ZOO[name]
+    cfg = dict(target_modules=c.targets, modules_to_save=saved, init_lora_weights=False)
+    torch.manual_seed(3)
+    pm = get_peft_model(c.build(), LoraConfig(**cfg)).eval()
+    with torch.no_grad():  # a trained copy
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path / "peft")
+    model = c.build()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lm = lora_fx.from_peft(model, tmp_path / "peft", **c.lorafy_kwargs())
+    assert sum(p.requires_grad for p in lm.parameters()) == sum(p.requires_grad for p in pm.parameters())
+    assert not any(saved[0] in r["key"].split(".") for r in lm.report().rows)  # no LoRA inside a saved module
+    ours = run(lm, c)
+    assert rel_err(ours, run(pm, c)) < 1e-6
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())  # the original stays frozen
+    lm.save_pretrained(tmp_path / "ours")
+    back = PeftModel.from_pretrained(c.build(), tmp_path / "ours").eval()
+    assert rel_err(run(back, c), ours) < 1e-6
+    gm = lm.merge_and_unload()  # the trained copy replaces the original, as in PEFT
+    assert rel_err(run(gm, c), ours) < 1e-5
+
+
+def test_modules_to_save_that_matches_nothing_is_refused():
+    c = ZOO["mlp"]
+    with pytest.raises(lora_fx.RuleError, match="classifier"):
+        lora_fx.lorafy(c.build(), LoraConfig(target_modules=["fc1"], modules_to_save=["classifier"]))

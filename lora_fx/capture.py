@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,11 @@ def capture(
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.fx.GraphModule:
+    if model.training and any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        warnings.warn(
+            f"{type(model).__name__} is in training mode: torch.export fixes the base graph's mode at capture, so "
+            "its dropout stays active in the graph (lm.eval() switches only LoRA's dropout). Call model.eval() "
+            "before lorafy for a deterministic base.", stacklevel=4)
     gm = export_program(model, args, kwargs).module()
     _share_parameters(gm, model)
     return gm

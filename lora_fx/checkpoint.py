@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections import Counter
@@ -91,10 +92,18 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; a saved file gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -133,12 +142,9 @@ def read_tensors(directory: Path, allow_pickle: bool = False) -> dict[str, torch
 
 def strip_adapter_name(tensors: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
     """Accept ``...lora_A.<name>.weight`` (a PEFT state_dict saved by hand) as ``...lora_A.weight``."""
-    out = {}
-    for k, v in tensors.items():
-        for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
-            k = k.replace(f".{part}.{adapter_name}.", f".{part}.").replace(f".{part}.{adapter_name}", f".{part}")
-        out[k] = v
-    return out
+    parts = "lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
+    pattern = re.compile(rf"\.({parts})\.{re.escape(adapter_name)}(?=\.|$)")
+    return {pattern.sub(r".\1", k): v for k, v in tensors.items()}
 
 
 def check_and_copy(units: list[LoraUnit], tensors: dict[str, torch.Tensor], source: Path,

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,11 +23,12 @@ import torch
 from tqdm import tqdm
 
 from .api import from_peft
+from .checkpoint import current_umask
 from .errors import CheckpointError
 from .report import RewriteReport
 
-_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                "pytorch_model.bin")
+_WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+_MODEL_FILES = ("config.json", "generation_config.json")
 
 
 def merge_model_dir(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
@@ -58,10 +60,12 @@ def merge_model_dir(base: str | os.PathLike, adapter: str | os.PathLike, out: st
 def _save_atomically(model, base: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
     try:
         model.save_pretrained(tmp)
         for extra in base.iterdir():  # tokenizer and other side files travel with the model
-            if extra.is_file() and extra.name not in _MODEL_FILES and not (tmp / extra.name).exists():
+            if (extra.is_file() and extra.name not in _MODEL_FILES and not _WEIGHT_FILES.match(extra.name)
+                    and not (tmp / extra.name).exists()):
                 shutil.copy2(extra, tmp / extra.name)
         old = None
         if out.exists():

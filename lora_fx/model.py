@@ -226,7 +226,7 @@ class LoraModel(nn.Module):
         if self._merged:
             raise MergeError(f"Adapters {self._merged} are already merged; unmerge() before merging again.")
         names = self.active_adapters if adapter_names is None else (
-            [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+            [adapter_names] if isinstance(adapter_names, str) else list(dict.fromkeys(adapter_names)))
         if not names:
             raise MergeError("No adapter to merge: no adapter is active; pass adapter_names=[...].")
         units_by_key: dict[str, list] = {}

@@ -115,7 +115,9 @@ def lora_linear_group(x: torch.Tensor, ys: tuple, a_list: tuple, b_list: tuple, 
     Under ``torch.compile`` it traces as plain ops, which the compiler fuses itself; with no grad needed it
     skips autograd and adds in place.
     """
-    if torch.compiler.is_compiling():  # let the compiler fuse plain ops (its own epilogues, no custom backward)
+    if (torch.compiler.is_compiling()  # the compiler fuses plain ops itself
+            or torch.is_autocast_enabled(x.device.type)  # autocast picks the matmul dtypes
+            or any(y.dtype != a.dtype for y, a in zip(ys, a_list))):
         return tuple(y + (x @ a.t() @ b.t()) * s for y, a, b, s in zip(ys, a_list, b_list, scalings))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *a_list, *b_list)):
         return _LoraLinearGroup.apply(x, tuple(scalings), len(ys), *ys, *a_list, *b_list)

@@ -23,7 +23,7 @@ _UNSUPPORTED_WHEN_SET = (
     "eva_config", "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
     "monteclora_config", "layer_replication", "target_parameters", "arrow_config", "kasa_config", "use_bdlora",
 )
-_UNSUPPORTED_WHEN_TRUE = ("lora_bias", "use_qalora")
+_UNSUPPORTED_WHEN_TRUE = ("lora_bias", "use_qalora", "ensure_weight_tying")
 
 
 def config_fields(config: Any) -> dict[str, Any]:

@@ -38,7 +38,8 @@ class RewriteReport:
         )
 
     def __str__(self) -> str:
-        table = tabulate([[r.get(c, "") for c in COLUMNS] for r in self.rows], headers=COLUMNS)
+        columns = COLUMNS if len({r.get("adapter") for r in self.rows}) <= 1 else ("adapter", *COLUMNS)
+        table = tabulate([[r.get(c, "") for c in columns] for r in self.rows], headers=columns)
         lines = [table, self.summary()]
         if self.passes:
             lines += ["passes:"] + [f"  - {p}" for p in self.passes]

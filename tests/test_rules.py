@@ -81,8 +81,7 @@ def test_lora_config_translation():
 
 @pytest.mark.parametrize("cfg,fragment", [
     (dict(target_modules=["q"], lora_bias=True), "lora_bias"),
-    (dict(target_modules=["q"], bias="all"), "bias"),
-    (dict(target_modules=["q"], modules_to_save=["head"]), "modules_to_save"),
+    (dict(target_modules=["q"], trainable_token_indices=[0]), "trainable_token_indices"),
     (dict(target_modules=None), "target_modules"),
     (dict(target_modules=["q"], init_lora_weights="pissa"), "init_lora_weights"),
 ])

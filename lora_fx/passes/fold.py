@@ -38,7 +38,7 @@ class Folded:
     factor: torch.Tensor | None = None  # DoRA's m / ‖W + ΔW‖, when no copy was kept
     untied: nn.Parameter | None = None  # the key's own merged copy (shared weights)
     modules: list[tuple[nn.Module, nn.Parameter]] = field(default_factory=list)  # (module, its old weight)
-    rewired: list[tuple[fx.Node, fx.Node, fx.Node]] = field(default_factory=list)  # (node, new, old weight input)
+    rewired: list[tuple[fx.Node, fx.Node, str]] = field(default_factory=list)  # (node, new input, old get_attr target)
 
 
 def fold_weights(
@@ -100,7 +100,9 @@ def unfold_weights(gm: fx.GraphModule, folded: list[Folded]) -> None:
         if f.untied is not None:
             for module, old in f.modules:
                 module.weight = old
-            for node, new, old in f.rewired:
+            for node, new, old_target in f.rewired:
+                with gm.graph.inserting_before(node):  # the old get_attr may have been removed as dead code
+                    old = gm.graph.get_attr(old_target)
                 node.replace_input_with(new, old)
                 if not new.users:
                     gm.graph.erase_node(new)
@@ -136,7 +138,7 @@ def _untie(gm: fx.GraphModule, source: nn.Module, key: str, ts: list[Target], w:
             new = gm.graph.get_attr(name)
         new.meta[TAG] = {"role": "untied", "key": key}
         t.node.replace_input_with(old, new)
-        f.rewired.append((t.node, new, old))
+        f.rewired.append((t.node, new, old.target))
     owner = _module_or_none(source, key)
     if owner is not None and getattr(owner, "weight", None) is w:
         f.modules.append((owner, w))

@@ -166,7 +166,7 @@ def _insert_plain(gm: fx.GraphModule, store: AdapterStore, t: Target, units: lis
             scaled = new_node(g, "call_function", operator.mul, (delta, unit.scaling), f"{name}_lora_scaled", tag)
             out = new_node(g, "call_function", operator.add, (out, scaled), f"{name}_lora", tag)
             inserted.append(out)
-        if units[0][1].lora_A.dtype != base_dtype and not units[0][1].use_dora:
+        if any(u.lora_A.dtype != base_dtype and not u.use_dora for _, u in units):
             out = new_node(g, "call_method", "to", (out, base_dtype), f"{name}_lora_out", tag)
     out.meta["lora_fx"]["role"] = "out"
     first = inserted[0]

@@ -69,9 +69,19 @@ def peft_config_dict(units: list[LoraUnit], fan_in_fan_out: bool, base_model: st
         "rank_pattern": {u.key: u.r for u in units if u.r != r},
         "alpha_pattern": {u.key: u.alpha for u in units if u.alpha != alpha},
         "fan_in_fan_out": fan_in_fan_out, "bias": bias, "use_rslora": rslora.pop(), "use_dora": dora.pop(),
-        "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+        "modules_to_save": None, "init_lora_weights": _init_for_peft(units), "layers_to_transform": None,
+        "layers_pattern": None,
         "lora_bias": False,
     }
+
+
+def _init_for_peft(units: list[LoraUnit]) -> bool | str:
+    """PiSSA/OLoRA adapters keep their scheme, so PEFT re-derives the residual base when loading them."""
+    inits = {u.init for u in units if isinstance(u.init, str) and u.init not in ("default", "gaussian")}
+    if len(inits) > 1 or (inits and len(inits) != len({u.init for u in units})):
+        raise CheckpointError(f"PEFT cannot express an adapter that mixes inits {sorted(map(str, inits))} with "
+                              "others; save them as separate adapters.")
+    return inits.pop() if inits else True
 
 
 def save_adapter(directory: Path, units: list[LoraUnit], config: dict[str, Any],

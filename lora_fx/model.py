@@ -33,6 +33,7 @@ from .checkpoint import (
     strip_adapter_name,
 )
 from .errors import AdapterError, MergeError
+from .init_schemes import is_weight_init, svd_init
 from .matching import match_targets
 from .passes import insert_lora, remove_lora
 from .passes.fold import Folded, fold_weights, unfold_weights
@@ -111,7 +112,7 @@ class LoraModel(nn.Module):
             excludes = [Rule(f"re:(.*\\.)?{re.escape(p)}(\\..*)?", exclude=True) for p in saved]
             ruleset = replace(ruleset, rules=[*excludes, *ruleset.rules])
         matched = match_targets(self._found, ruleset, type(self._captured.source).__name__)
-        units, seen = [], set()
+        units, seen, residuals = [], set(), []
         for t in matched.targets:
             if t.key in seen:
                 continue
@@ -126,8 +127,13 @@ class LoraModel(nn.Module):
                     raise AdapterError(f"DoRA on {t.key!r} needs adapters in the base weight's dtype ({weight.dtype});"
                                        " pass autocast_adapter_dtype=False.")
                 unit.init_magnitude(weight, t.layout)
+            if is_weight_init(rule.init):  # PiSSA / OLoRA: A, B from W; the base keeps W - s·B A
+                residuals.append((weight, svd_init(unit, weight, t.layout)))
             units.append(unit)
         self.adapters.add(adapter_name, units, {p: copy.deepcopy(m).requires_grad_(True) for p, m in saved.items()})
+        with torch.no_grad():
+            for weight, residual in residuals:
+                weight.copy_(residual)
         self._bias[adapter_name] = ruleset.bias
         self._unused_rules[adapter_name] = matched.unused_rules
         known = {id(t.node) for t in self.targets}

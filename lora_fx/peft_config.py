@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import RuleError
+from .init_schemes import is_weight_init
 from .rules import Rule, RuleSet
 
 # Options that change what PEFT builds and that this version does not reproduce: refuse, never ignore.
@@ -49,9 +50,10 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
         if c.get(name):
             raise RuleError(f"LoraConfig.{name}=True is not supported by this version of lora_fx; set it to False.")
     init = c.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
+    if init not in (True, False, "gaussian", "pissa", "olora") and not is_weight_init(init):
         raise RuleError(
-            f"LoraConfig.init_lora_weights={init!r} is not supported yet; use True, False or 'gaussian'."
+            f"LoraConfig.init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
+            "'pissa_niter_<K>' or 'olora'."
         )
 
     targets = c.get("target_modules")

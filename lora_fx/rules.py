@@ -24,7 +24,7 @@ from typing import Any
 from .errors import RuleError
 
 KINDS = frozenset({"linear", "embedding", "conv"})
-INITS = (True, False, "default", "gaussian")
+INITS = (True, False, "default", "gaussian", "pissa", "olora")
 BIAS_MODES = ("none", "all", "lora_only")
 
 
@@ -74,8 +74,8 @@ class Rule:
             raise RuleError(f"Rule {self.label}: alpha must be a positive number, got {self.alpha!r}.")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise RuleError(f"Rule {self.label}: dropout must be in [0, 1), got {self.dropout!r}.")
-        if self.init not in INITS:
-            raise RuleError(f"Rule {self.label}: init must be one of {INITS}, got {self.init!r}.")
+        if self.init not in INITS and not (isinstance(self.init, str) and re.fullmatch(r"pissa_niter_\d+", self.init)):
+            raise RuleError(f"Rule {self.label}: init must be one of {INITS} or 'pissa_niter_<K>', got {self.init!r}.")
 
     @property
     def patterns(self) -> tuple[str, ...]:

@@ -59,7 +59,7 @@ class LoraUnit(nn.Module):
         return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
 
     @torch.no_grad()
-    def reset_parameters(self, init: bool | str = "default") -> None:
+    def reset_parameters(self, init: bool | str = "default") -> None:  # PiSSA/OLoRA: init_schemes.svd_init
         """PEFT's init. Linear/conv: A kaiming-uniform(a=√5) (``"gaussian"``: N(0, 1/r)), B zeros.
         Embedding: A zeros, B N(0, 1). ``init=False``: both random (B nonzero; for tests)."""
         a, b = self.lora_A, self.lora_B

@@ -142,3 +142,46 @@ def test_modules_to_save_that_matches_nothing_is_refused():
     c = ZOO["mlp"]
     with pytest.raises(lora_fx.RuleError, match="classifier"):
         lora_fx.lorafy(c.build(), LoraConfig(target_modules=["fc1"], modules_to_save=["classifier"]))
+
+
+@pytest.mark.parametrize("init,name", [("pissa", "mlp"), ("pissa", "llama"), ("pissa", "gpt2"), ("olora", "mlp"),
+                                       ("olora", "llama"), ("pissa_niter_4", "llama")])
+def test_weight_rewriting_inits_match_peft(init, name, tmp_path):
+    """PiSSA / OLoRA: same A, B and residual base as PEFT; outputs unchanged at init; merge folds back to W;
+    checkpoints (after training) load both ways, PEFT re-deriving the residual from the original weights."""
+    c = ZOO[name]
+    cfg = dict(target_modules=c.targets, init_lora_weights=init, r=4, lora_alpha=8)
+    base = run(c.build(), c)
+    torch.manual_seed(5)
+    pm = get_peft_model(c.build(), LoraConfig(fan_in_fan_out=c.fan_in_fan_out, **cfg)).eval()
+    torch.manual_seed(5)
+    model = c.build()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lm = lora_fx.lorafy(model, LoraConfig(**cfg), **c.lorafy_kwargs())
+    assert rel_err(run(lm, c), base) < 1e-5 and rel_err(run(lm, c), run(pm, c)) < 1e-5
+    key = sorted(lm.adapters.units("default"))[0]
+    peft_mod = pm.base_model.model.get_submodule(key)
+    if init != "pissa_niter_4":  # the randomized SVD draws in a different order than PEFT's
+        assert rel_err(lm.unit(key).lora_A, peft_mod.lora_A["default"].weight) < 1e-5
+        assert rel_err(model.get_submodule(key).weight, peft_mod.base_layer.weight) < 1e-5  # the residual
+    lm.merge()
+    for n, p in model.named_parameters():  # W_res + s·B A = W
+        assert rel_err(p.detach(), original[n]) < 1e-5, n
+    lm.unmerge()
+    if init == "pissa_niter_4":
+        return  # randomized: PEFT's re-derivation on load draws other random vectors
+    with torch.no_grad():  # "train" the adapter, then interchange checkpoints
+        for _, unit in lm.adapters.iter_units():
+            unit.lora_B.add_(0.01 * torch.randn_like(unit.lora_B))
+    trained = run(lm, c)
+    lm.save_pretrained(tmp_path)
+    back = PeftModel.from_pretrained(c.build(), tmp_path).eval()
+    assert rel_err(run(back, c), trained) < 1e-5
+    again = lora_fx.from_peft(c.build(), tmp_path, **c.lorafy_kwargs())
+    assert rel_err(run(again, c), trained) < 1e-5
+
+
+def test_weight_rewriting_init_refused_for_embeddings():
+    c = ZOO["embed"]
+    with pytest.raises(lora_fx.RuleError, match="linear layers only"):
+        lora_fx.lorafy(c.build(), Rule(["emb"], init="pissa"))

@@ -42,6 +42,8 @@ def unit_tensors(unit: LoraUnit) -> dict[str, torch.nn.Parameter]:
     out = {names[0]: unit.lora_A, names[1]: unit.lora_B}
     if unit.lora_magnitude_vector is not None:
         out[f"{p}.lora_magnitude_vector"] = unit.lora_magnitude_vector
+    if unit.lora_B_bias is not None:
+        out[f"{p}.lora_B.bias"] = unit.lora_B_bias
     return out
 
 
@@ -58,10 +60,10 @@ def peft_config_dict(units: list[LoraUnit], fan_in_fan_out: bool, base_model: st
     if len(dropouts) > 1:
         warnings.warn(f"PEFT has one lora_dropout per adapter; saving the most common of {sorted(dropouts)}.",
                       stacklevel=3)
-    rslora, dora = {u.use_rslora for u in units}, {u.use_dora for u in units}
-    if len(rslora) > 1 or len(dora) > 1:
-        raise CheckpointError("PEFT cannot express an adapter that mixes use_rslora (or use_dora) True and False "
-                              "across keys; save the two groups as separate adapters.")
+    rslora, dora, lbias = {u.use_rslora for u in units}, {u.use_dora for u in units}, {u.lora_bias for u in units}
+    if len(rslora) > 1 or len(dora) > 1 or len(lbias) > 1:
+        raise CheckpointError("PEFT cannot express an adapter that mixes use_rslora (or use_dora, lora_bias) True "
+                              "and False across keys; save the two groups as separate adapters.")
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.most_common(1)[0][0],
@@ -71,7 +73,7 @@ def peft_config_dict(units: list[LoraUnit], fan_in_fan_out: bool, base_model: st
         "fan_in_fan_out": fan_in_fan_out, "bias": bias, "use_rslora": rslora.pop(), "use_dora": dora.pop(),
         "modules_to_save": None, "init_lora_weights": _init_for_peft(units), "layers_to_transform": None,
         "layers_pattern": None,
-        "lora_bias": False,
+        "lora_bias": lbias.pop(),
     }
 
 

@@ -24,7 +24,7 @@ _UNSUPPORTED_WHEN_SET = (
     "eva_config", "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
     "monteclora_config", "layer_replication", "target_parameters", "arrow_config", "kasa_config", "use_bdlora",
 )
-_UNSUPPORTED_WHEN_TRUE = ("lora_bias", "use_qalora", "ensure_weight_tying")
+_UNSUPPORTED_WHEN_TRUE = ("use_qalora", "ensure_weight_tying")
 
 
 def config_fields(config: Any) -> dict[str, Any]:
@@ -67,6 +67,7 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
     hyper = dict(
         r=int(c.get("r", 8)), alpha=c.get("lora_alpha", 8), dropout=float(c.get("lora_dropout", 0.0)),
         init=init, use_rslora=bool(c.get("use_rslora", False)), use_dora=bool(c.get("use_dora", False)),
+        lora_bias=bool(c.get("lora_bias", False)),
     )
     rules = []
     excludes = c.get("exclude_modules")

@@ -48,6 +48,7 @@ class Rule:
     init: bool | str = "default"
     use_rslora: bool = False
     use_dora: bool = False
+    lora_bias: bool = False  # PEFT's lora_bias: B gets a bias, ``delta = s·(B A x + b)``
 
     def __post_init__(self) -> None:
         patterns = (self.match,) if isinstance(self.match, str) else tuple(self.match)
@@ -74,6 +75,8 @@ class Rule:
             raise RuleError(f"Rule {self.label}: alpha must be a positive number, got {self.alpha!r}.")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise RuleError(f"Rule {self.label}: dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.lora_bias and self.use_dora:
+            raise RuleError(f"Rule {self.label}: lora_bias=True is not supported with DoRA (PEFT refuses it too).")
         if self.init not in INITS and not (isinstance(self.init, str) and re.fullmatch(r"pissa_niter_\d+", self.init)):
             raise RuleError(f"Rule {self.label}: init must be one of {INITS} or 'pissa_niter_<K>', got {self.init!r}.")
 

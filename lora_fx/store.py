@@ -48,6 +48,11 @@ class LoraUnit(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=device))
         self.dropout = nn.Dropout(rule.dropout) if rule.dropout > 0 else nn.Identity()
         self.register_parameter("lora_magnitude_vector", None)  # DoRA's m, set by init_magnitude
+        if rule.lora_bias and kind == "embedding":
+            raise AdapterError(f"lora_bias on {key!r}: PEFT has no LoRA bias for embeddings; drop lora_bias here.")
+        self.lora_bias = rule.lora_bias
+        self.lora_B_bias = (nn.Parameter(torch.zeros(shape_b[0], dtype=dtype, device=device)) if rule.lora_bias
+                            else None)
         self.reset_parameters(rule.init)
 
     @property
@@ -75,8 +80,12 @@ class LoraUnit(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         if init is False:
             nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            if self.lora_B_bias is not None:  # nn.Linear's default bias init, fan_in = r
+                nn.init.uniform_(self.lora_B_bias, -1 / math.sqrt(self.r), 1 / math.sqrt(self.r))
         else:
             b.zero_()
+            if self.lora_B_bias is not None:
+                self.lora_B_bias.zero_()
 
     @torch.no_grad()
     def init_magnitude(self, weight: torch.Tensor, layout: str) -> None:

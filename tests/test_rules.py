@@ -48,7 +48,7 @@ def test_scaling_and_rslora():
     (dict(dropout=1.0), "dropout must be in [0, 1)"),
     (dict(dropout=-0.1), "dropout must be in [0, 1)"),
     (dict(kinds={"lstm"}), "unknown kinds"),
-    (dict(init="pissa"), "init must be one of"),
+    (dict(init="loftq"), "init must be one of"),
 ])
 def test_bad_rules_name_the_rule(kwargs, fragment):
     with pytest.raises(RuleError) as e:
@@ -80,10 +80,10 @@ def test_lora_config_translation():
 
 
 @pytest.mark.parametrize("cfg,fragment", [
-    (dict(target_modules=["q"], lora_bias=True), "lora_bias"),
+    (dict(target_modules=["q"], use_qalora=True), "use_qalora"),
     (dict(target_modules=["q"], trainable_token_indices=[0]), "trainable_token_indices"),
     (dict(target_modules=None), "target_modules"),
-    (dict(target_modules=["q"], init_lora_weights="pissa"), "init_lora_weights"),
+    (dict(target_modules=["q"], layer_replication=[[0, 1]]), "layer_replication"),
 ])
 def test_unsupported_lora_config_options_are_refused(cfg, fragment):
     with pytest.raises(RuleError, match=fragment):
@@ -102,3 +102,10 @@ def test_layers_to_transform_follow_peft():
 def test_all_linear_shorthand():
     rs = as_ruleset("all-linear")
     assert rs.exclude_output_layer and rs.decide("a.b", "linear") and not rs.decide("emb", "embedding")
+
+
+def test_unsupported_init_in_adapter_config_is_refused():
+    from lora_fx.peft_config import ruleset_from_peft_config
+
+    with pytest.raises(RuleError, match="init_lora_weights='loftq'"):
+        ruleset_from_peft_config({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "loftq"})

@@ -185,3 +185,35 @@ def test_weight_rewriting_init_refused_for_embeddings():
     c = ZOO["embed"]
     with pytest.raises(lora_fx.RuleError, match="linear layers only"):
         lora_fx.lorafy(c.build(), Rule(["emb"], init="pissa"))
+
+
+@pytest.mark.parametrize("name,targets", [("mlp", ["fc1", "head"]), ("cnn", None), ("qwen2", ["q_proj", "v_proj"]),
+                                          ("gpt2", None)])
+def test_lora_bias_matches_peft(name, targets, tmp_path):
+    c = ZOO[name]
+    targets = targets or c.targets
+    torch.manual_seed(3)
+    pm = get_peft_model(c.build(), LoraConfig(target_modules=targets, lora_bias=True, init_lora_weights=False,
+                                              fan_in_fan_out=c.fan_in_fan_out)).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    model = c.build()
+    biases = {n: p.detach().clone() for n, p in model.named_parameters() if "bias" in n}
+    lm = lora_fx.from_peft(model, tmp_path / "peft", **c.lorafy_kwargs())
+    ours = run(lm, c)
+    assert rel_err(ours, run(pm, c)) < 1e-6
+    lm.merge()  # base bias += s·b_B
+    assert rel_err(run(lm, c), ours) < 1e-5
+    lm.unmerge()
+    assert all(torch.equal(p, biases[n]) for n, p in model.named_parameters() if "bias" in n)
+    lm.save_pretrained(tmp_path / "ours")
+    back = PeftModel.from_pretrained(c.build(), tmp_path / "ours").eval()
+    assert rel_err(run(back, c), ours) < 1e-6
+
+
+def test_lora_bias_merge_without_base_bias_is_refused():
+    c = ZOO["mlp"]  # fc2 has no bias
+    lm = lora_fx.lorafy(c.build(), Rule(["fc2"], lora_bias=True, init=False))
+    code = lm.graph_module.code
+    with pytest.raises(lora_fx.MergeError, match="'fc2' has no base bias"):
+        lm.merge()
+    assert lm.graph_module.code == code and lm.merged_adapters == []

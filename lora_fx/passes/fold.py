@@ -23,7 +23,7 @@ from torch import fx, nn
 from ..errors import MergeError
 from ..ops import delta_weight, dora_factor, merge_dtype
 from ..store import LoraUnit
-from ..targets import Target
+from ..targets import Target, arg
 from .common import TAG, finish
 
 
@@ -37,6 +37,8 @@ class Folded:
     deltas: torch.Tensor | None = None  # Σ s·ΔW, when no copy was kept
     factor: torch.Tensor | None = None  # DoRA's m / ‖W + ΔW‖, when no copy was kept
     untied: nn.Parameter | None = None  # the key's own merged copy (shared weights)
+    bias: nn.Parameter | None = None  # the base bias lora_B's bias was folded into (lora_bias)
+    bias_original: torch.Tensor | None = None
     modules: list[tuple[nn.Module, nn.Parameter]] = field(default_factory=list)  # (module, its old weight)
     rewired: list[tuple[fx.Node, fx.Node, str]] = field(default_factory=list)  # (node, new input, old get_attr target)
 
@@ -77,17 +79,24 @@ def fold_weights(
             raise MergeError(f"Merging adapter(s) {names} into {key!r} gives non-finite weights; nothing was merged. "
                              f"Check the lora_A / lora_B of {key!r} for inf or NaN.")
         shared = uses.get(id(w), 0) > len(ts)
-        plans.append((key, ts, w, merged, delta, factor, shared))
+        bias, merged_bias = _bias_merge(gm, key, ts[0], units)
+        if safe and merged_bias is not None and not torch.isfinite(merged_bias).all():
+            raise MergeError(f"Merging lora_B's bias into {key!r} gives non-finite values; nothing was merged.")
+        plans.append((key, ts, w, merged, delta, factor, shared, bias, merged_bias))
     folded = []
-    for key, ts, w, merged, delta, factor, shared in plans:
+    for key, ts, w, merged, delta, factor, shared, bias, merged_bias in plans:
         if shared:
-            folded.append(_untie(gm, source, key, ts, w, merged))
+            f = _untie(gm, source, key, ts, w, merged)
         else:
             f = Folded(key, w, original=w.detach().clone() if keep_original else None,
                        deltas=None if keep_original else delta, factor=None if keep_original else factor)
             with torch.no_grad():
                 w.copy_(merged)
-            folded.append(f)
+        if bias is not None:
+            f.bias, f.bias_original = bias, bias.detach().clone()
+            with torch.no_grad():
+                bias.copy_(merged_bias)
+        folded.append(f)
         if progress is not None:
             progress(key)
     finish(gm)
@@ -97,6 +106,9 @@ def fold_weights(
 def unfold_weights(gm: fx.GraphModule, folded: list[Folded]) -> None:
     """Undo ``fold_weights``: restore each weight (and re-tie shared ones)."""
     for f in folded:
+        if f.bias is not None:
+            with torch.no_grad():
+                f.bias.copy_(f.bias_original)
         if f.untied is not None:
             for module, old in f.modules:
                 module.weight = old
@@ -144,6 +156,23 @@ def _untie(gm: fx.GraphModule, source: nn.Module, key: str, ts: list[Target], w:
         f.modules.append((owner, w))
         owner.weight = copy  # write-back: the original model computes the merged weights too
     return f
+
+
+def _bias_merge(gm: fx.GraphModule, key: str, t: Target, units: list) -> tuple:
+    """(base bias, base bias + Σ s·b_B) for lora_bias units, or (None, None)."""
+    with_bias = [u for _, u in units if u.lora_B_bias is not None]
+    if not with_bias:
+        return None, None
+    where = t.extra.get("bias")
+    node = arg(t.node, *where[1]) if where and where[0] == "arg" else None
+    path = where[1] if where and where[0] == "attr" else getattr(node, "target", None)
+    if path is None or (node is not None and node.op != "get_attr"):
+        raise MergeError(f"{key!r} has no base bias to fold lora_B's bias into (PEFT cannot merge this either); "
+                         "keep the adapter unmerged.")
+    bias = gm.get_parameter(path)
+    dtype = merge_dtype(bias.dtype)
+    merged = bias.detach().to(dtype) + sum(u.scaling * u.lora_B_bias.detach().to(dtype) for u in with_bias)
+    return bias, merged.to(bias.dtype)
 
 
 def _weight_arg(t: Target) -> fx.Node:

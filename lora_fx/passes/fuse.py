@@ -33,7 +33,7 @@ FUSABLE_OPS = ("Linear", "F.linear", "aten.linear")
 
 
 def fusable(gm: fx.GraphModule, t: Target, unit: LoraUnit) -> bool:
-    return (t.kind == "linear" and t.op in FUSABLE_OPS
+    return (t.kind == "linear" and t.op in FUSABLE_OPS and not unit.use_dora and not unit.lora_bias
             and unit.lora_A.dtype == gm.get_parameter(t.weight_path).dtype)
 
 

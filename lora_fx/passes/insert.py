@@ -38,7 +38,14 @@ def _linear_delta(g: fx.Graph, t: Target, unit_path: str, x: fx.Node, tag: dict)
     a = new_node(g, "get_attr", f"{unit_path}.lora_A", (), f"{n}_lora_A", tag)
     b = new_node(g, "get_attr", f"{unit_path}.lora_B", (), f"{n}_lora_B", tag)
     h = new_node(g, "call_function", F.linear, (x, a), f"{n}_lora_a", tag)
-    return new_node(g, "call_function", F.linear, (h, b), f"{n}_lora_b", tag)
+    return new_node(g, "call_function", F.linear, (h, b, _lora_bias(g, unit_path, n, tag)), f"{n}_lora_b", tag)
+
+
+def _lora_bias(g: fx.Graph, unit_path: str, n: str, tag: dict) -> fx.Node | None:
+    """lora_B's bias (PEFT's ``lora_bias=True``), or None."""
+    if not tag.get("lora_bias"):
+        return None
+    return new_node(g, "get_attr", f"{unit_path}.lora_B_bias", (), f"{n}_lora_B_bias", tag)
 
 
 def _embedding_delta(g: fx.Graph, t: Target, unit_path: str, idx: fx.Node, tag: dict) -> fx.Node:
@@ -65,7 +72,7 @@ def _conv_delta(g: fx.Graph, t: Target, unit_path: str, x: fx.Node, tag: dict) -
     a = new_node(g, "get_attr", f"{unit_path}.lora_A", (), f"{n}_lora_A", tag)
     b = new_node(g, "get_attr", f"{unit_path}.lora_B", (), f"{n}_lora_B", tag)
     h = new_node(g, "call_function", conv, (x, a, None, e["stride"], e["padding"], e["dilation"]), f"{n}_lora_a", tag)
-    return new_node(g, "call_function", conv, (h, b), f"{n}_lora_b", tag)
+    return new_node(g, "call_function", conv, (h, b, _lora_bias(g, unit_path, n, tag)), f"{n}_lora_b", tag)
 
 
 DELTA_BUILDERS: dict[str, DeltaBuilder] = {"linear": _linear_delta, "embedding": _embedding_delta, "conv": _conv_delta}
@@ -120,11 +127,10 @@ def insert_lora(
         units = [(a, u) for a, u in units if u is not None]
         if not units:
             continue
-        if fuse and len(units) == 1 and not units[0][1].use_dora and fusable(gm, t, units[0][1]):
+        if fuse and len(units) == 1 and fusable(gm, t, units[0][1]):
             adapter, unit = units[0]
             rest = [u for u in targets[i + 1:] if id(u.node) not in done and u.key in store.units(adapter)
-                    and fusable(gm, u, store.unit(adapter, u.key)) and store.unit(adapter, u.key).dropout_p == 0
-                    and not store.unit(adapter, u.key).use_dora]
+                    and fusable(gm, u, store.unit(adapter, u.key)) and store.unit(adapter, u.key).dropout_p == 0]
             group = sibling_group(gm, t, rest, dropout=unit.dropout_p > 0)
             grp = emit_group(gm, store, group, adapter, store_name)
             for member in group:
@@ -146,7 +152,8 @@ def _insert_plain(gm: fx.GraphModule, store: AdapterStore, t: Target, units: lis
     inserted: list[fx.Node] = []
     with g.inserting_before(t.node.next):
         for adapter, unit in units:
-            tag = {"adapter": adapter, "key": t.key, "base": t.node.name, "role": "branch"}
+            tag = {"adapter": adapter, "key": t.key, "base": t.node.name, "role": "branch",
+                   "lora_bias": unit.lora_bias}
             unit_path = f"{store_name}.{store.unit_path(adapter, t.key)}"
             name = unit_path.rsplit(".", 1)[-1]
             if unit.use_dora:

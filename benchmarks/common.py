@@ -36,6 +36,24 @@ def steady_malloc() -> bool:
         return False
 
 
+def setting(default_rounds: int):
+    """Parse the common flags and apply the machine settings. Returns (args, dtype, model size kwargs, malloc).
+    CPU: float32, the issue's tiny Llama, 2 threads; CUDA: bf16 at hidden 2048, 16 layers."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=default_rounds)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-steady-malloc", action="store_true", help="leave glibc's mmap/trim thresholds alone")
+    args = p.parse_args()
+    malloc = not args.no_steady_malloc and steady_malloc()
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+        return args, torch.float32, {}, malloc
+    return args, torch.bfloat16, dict(hidden=2048, intermediate=5504, layers=16, heads=16, vocab=32000), malloc
+
+
 def llama(hidden: int = 512, intermediate: int = 1376, layers: int = 4, heads: int = 8, vocab: int = 8000,
           dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0):
     """The issue's tiny Llama, random weights, eval mode."""

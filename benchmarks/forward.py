@@ -10,11 +10,10 @@ eager at both sizes; merged compiled <= 1.02x base compiled.
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
-from common import PROJECTIONS, interleaved, llama, rel_err, report, steady_malloc
+from common import PROJECTIONS, interleaved, llama, rel_err, report, setting
 from peft import LoraConfig, get_peft_model
 
 import lora_fx
@@ -43,17 +42,7 @@ def build(base, ids0, compile_: bool) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--no-steady-malloc", action="store_true")
-    args = p.parse_args()
-    malloc = not args.no_steady_malloc and steady_malloc()
-    if args.device == "cpu":
-        torch.set_num_threads(2)
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    size = {} if args.device == "cpu" else dict(hidden=2048, intermediate=5504, layers=16, heads=16, vocab=32000)
+    args, dtype, size, malloc = setting(30)
     base = llama(dtype=dtype, device=args.device, **size)
     ids0 = torch.randint(0, base.config.vocab_size, (4, 128), device=args.device)
     models = build(base, ids0, not args.no_compile)
@@ -72,7 +61,7 @@ def main() -> None:
                 rows.append({"batch x tokens": f"{b}x{t}", "variant": name, "ms": s * 1e3,
                              "x base": s / med[f"base {mode}"], "x PEFT": s / med[f"PEFT {mode}"]})
     report("forward", rows, {"device": args.device, "dtype": str(dtype), "rounds": args.rounds,
-                             "steady_malloc": malloc})
+                             "setting": malloc})
 
 
 if __name__ == "__main__":

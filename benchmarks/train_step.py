@@ -9,13 +9,12 @@ backward + optimizer step. The floor is the frozen base model's forward + backwa
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
 import torch
 import torch.nn.functional as F
-from common import PROJECTIONS, interleaved, llama, rel_err, report, steady_malloc
+from common import PROJECTIONS, interleaved, llama, rel_err, report, setting
 from peft import LoraConfig, get_peft_model
 
 import lora_fx
@@ -72,17 +71,7 @@ def build(device: str, dtype: torch.dtype, size: dict, batch: int, seq: int, com
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--no-steady-malloc", action="store_true", help="leave glibc's mmap/trim thresholds alone")
-    args = p.parse_args()
-    malloc = not args.no_steady_malloc and steady_malloc()
-    if args.device == "cpu":
-        torch.set_num_threads(2)
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    size = {} if args.device == "cpu" else dict(hidden=2048, intermediate=5504, layers=16, heads=16, vocab=32000)
+    args, dtype, size, malloc = setting(15)
     batch, seq = (4, 128)
     variants, compile_s = build(args.device, dtype, size, batch, seq, not args.no_compile)
     med = interleaved(variants, args.rounds, args.device)

@@ -105,7 +105,7 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
 
 def find_targets(gm: fx.GraphModule, source: nn.Module) -> list[Target | Unsupported]:
     """Every adaptable (or known-but-unsupported) node of ``gm``, in graph order."""
-    ctx = Context(gm, source, _param_paths(gm), _weight_uses(gm))
+    ctx = Context(gm, source, _param_paths(gm), weight_uses(gm))
     found = []
     for node in gm.graph.nodes:
         if node.meta.get("lora_fx"):
@@ -124,10 +124,13 @@ def _param_paths(gm: fx.GraphModule) -> dict[int, str]:
     return {id(p): n for n, p in gm.named_parameters(remove_duplicate=False)}
 
 
-def _weight_uses(gm: fx.GraphModule) -> Counter:
-    """How many op nodes read each parameter (by identity), through call_module or get_attr."""
+def weight_uses(gm: fx.GraphModule) -> Counter:
+    """How many base op nodes read each parameter (by identity), through call_module or get_attr; nodes
+    lora_fx inserted do not count."""
     uses: Counter = Counter()
     for node in gm.graph.nodes:
+        if "lora_fx" in node.meta:
+            continue
         if node.op == "call_module":
             w = getattr(gm.get_submodule(node.target), "weight", None)
             if isinstance(w, nn.Parameter):
@@ -137,7 +140,7 @@ def _weight_uses(gm: fx.GraphModule) -> Counter:
                 p = gm.get_parameter(node.target)
             except AttributeError:
                 continue
-            uses[id(p)] += sum(not u.meta.get("lora_fx") for u in node.users)
+            uses[id(p)] += sum("lora_fx" not in u.meta for u in node.users)
     return uses
 
 

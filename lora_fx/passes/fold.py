@@ -23,7 +23,7 @@ from torch import fx, nn
 from ..errors import MergeError
 from ..ops import delta_weight, dora_factor, merge_dtype
 from ..store import LoraUnit
-from ..targets import Target, arg
+from ..targets import Target, arg, weight_uses
 from .common import TAG, finish
 
 
@@ -60,7 +60,7 @@ def fold_weights(
     for t in targets:
         if t.key in units_by_key:
             by_key.setdefault(t.key, []).append(t)
-    uses = _param_uses(gm)
+    uses = weight_uses(gm)
     plans = []
     for key, ts in by_key.items():
         w = gm.get_parameter(ts[0].weight_path)
@@ -180,26 +180,6 @@ def _weight_arg(t: Target) -> fx.Node:
         if isinstance(a, fx.Node) and a.op == "get_attr" and a.target == t.weight_path:
             return a
     raise MergeError(f"Cannot find the weight input of node {t.node.name!r} ({t.key!r}) to untie it.")
-
-
-def _param_uses(gm: fx.GraphModule) -> dict[int, int]:
-    """How many base op nodes read each parameter (LoRA nodes excluded)."""
-    uses: dict[int, int] = {}
-    for node in gm.graph.nodes:
-        if TAG in node.meta:
-            continue
-        if node.op == "call_module":
-            w = getattr(gm.get_submodule(node.target), "weight", None)
-            if isinstance(w, nn.Parameter):
-                uses[id(w)] = uses.get(id(w), 0) + 1
-        elif node.op == "get_attr":
-            try:
-                p = gm.get_parameter(node.target)
-            except AttributeError:
-                continue
-            n = sum(TAG not in u.meta for u in node.users)
-            uses[id(p)] = uses.get(id(p), 0) + n
-    return uses
 
 
 def _attr_name(key: str) -> str:

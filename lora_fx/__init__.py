@@ -5,10 +5,10 @@ from .deploy import compile, export
 from .errors import AdapterError, CaptureError, CheckpointError, LoraFxError, MergeError, RuleError
 from .model import LoraModel
 from .report import RewriteReport
-from .rules import Rule
+from .rules import Rule, RuleSet
 
 __all__ = [
-    "lorafy", "from_peft", "compile", "export", "Rule", "LoraModel", "RewriteReport",
+    "lorafy", "from_peft", "compile", "export", "Rule", "RuleSet", "LoraModel", "RewriteReport",
     "LoraFxError", "RuleError", "CaptureError", "AdapterError", "CheckpointError", "MergeError",
 ]
 __version__ = "0.1.0"

@@ -347,7 +347,15 @@ class LoraModel(nn.Module):
             })
         trainable, total = self.get_nb_trainable_parameters()
         unused = [f"{r} [{a}]" for a, rs in self._unused_rules.items() for r in rs]
-        return RewriteReport(rows, trainable, total, unused, passes_summary(self._records))
+        passes = passes_summary(self._records)
+        for name in self.adapters.names:
+            for path, (_, module) in self.adapters.saved(name).items():
+                n = sum(p.numel() for p in module.parameters())
+                passes.append(f"modules_to_save: {path} -> trainable copy in adapter {name!r} ({n:,} parameters)")
+            if self._bias.get(name, "none") != "none":
+                passes.append(f"bias={self._bias[name]!r}: {len(self.bias_parameters(name))} base biases trainable "
+                              f"in adapter {name!r}")
+        return RewriteReport(rows, trainable, total, unused, passes)
 
     @torch.no_grad()
     def unit(self, key: str, adapter_name: str | None = None) -> LoraUnit:

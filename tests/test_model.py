@@ -145,3 +145,14 @@ def test_print_trainable_parameters_format(capsys):
     lm.print_trainable_parameters()
     out = capsys.readouterr().out
     assert out.startswith("trainable params: 288 || all params: ") and "trainable%: " in out
+
+
+def test_ruleset_options_and_report_lines():
+    lm = lora_fx.lorafy(MLP(), lora_fx.RuleSet([Rule(["fc1", "fc2"])], bias="lora_only", modules_to_save=("head",)))
+    text = str(lm.report())
+    assert "modules_to_save: head -> trainable copy" in text and "bias='lora_only': 1 base biases" in text
+    assert [r["key"] for r in lm.report().rows] == ["fc1", "fc2"]
+    trainable = {id(p) for p in lm.trainable_parameters()}
+    assert id(lm.graph_module.fc1.bias) in trainable and id(lm.graph_module.head.weight) not in trainable
+    with pytest.raises(RuleError, match="bias="):
+        lora_fx.RuleSet([Rule("fc1")], bias="some")

@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -43,7 +44,8 @@ def lorafy(
     ruleset = as_ruleset(rules)
     check_adapter_name(adapter_name)
     lm = LoraModel(capture(model, example_inputs, example_kwargs), fuse=fuse)
-    lm.add_adapter(adapter_name, ruleset, autocast_adapter_dtype=autocast_adapter_dtype)
+    with _discard_on_error(lm):
+        lm.add_adapter(adapter_name, ruleset, autocast_adapter_dtype=autocast_adapter_dtype)
     return lm
 
 
@@ -65,5 +67,16 @@ def from_peft(
     """
     check_adapter_name(adapter_name)
     lm = LoraModel(capture(model, example_inputs, example_kwargs))
-    lm.load_adapter(path, adapter_name, allow_pickle=allow_pickle)
+    with _discard_on_error(lm):
+        lm.load_adapter(path, adapter_name, allow_pickle=allow_pickle)
     return lm
+
+
+@contextlib.contextmanager
+def _discard_on_error(lm: LoraModel):
+    """A GraphModule passed in by the user gets no empty adapter store left behind by a failed call."""
+    try:
+        yield
+    except BaseException:
+        lm._unload()
+        raise

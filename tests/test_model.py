@@ -156,3 +156,11 @@ def test_ruleset_options_and_report_lines():
     assert id(lm.graph_module.fc1.bias) in trainable and id(lm.graph_module.head.weight) not in trainable
     with pytest.raises(RuleError, match="bias="):
         lora_fx.RuleSet([Rule("fc1")], bias="some")
+
+
+def test_failed_lorafy_leaves_a_graph_module_input_untouched():
+    gm = torch.fx.symbolic_trace(MLP())
+    code, names = gm.code, [n for n, _ in gm.named_modules()]
+    with pytest.raises(RuleError):
+        lora_fx.lorafy(gm, ["nothing"])
+    assert gm.code == code and [n for n, _ in gm.named_modules()] == names and not hasattr(gm, "lora")

@@ -177,8 +177,9 @@ def check_and_copy(units: list[LoraUnit], tensors: dict[str, torch.Tensor], sour
         if tuple(tensors[name].shape) != tuple(param.shape):
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the model "
                                   f"needs {tuple(param.shape)} (rank or feature size differ).")
-        if not tensors[name].is_floating_point():
-            raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensors[name].dtype}; expected floats.")
+        if tensors[name].is_floating_point() != param.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensors[name].dtype}; the model holds "
+                                  f"{param.dtype} there.")
     with torch.no_grad():
         for name, param in expected.items():
             param.copy_(tensors[name])

@@ -33,6 +33,9 @@ def svd_init(unit: LoraUnit, weight: torch.Tensor, layout: str) -> torch.Tensor:
     if unit.kind != "linear":
         raise RuleError(f"init={unit.init!r} on {unit.key!r}: PiSSA/OLoRA apply to linear layers only "
                         f"(this is a {unit.kind}); use init='default' for it.")
+    if unit.init == "olora" and layout == "in_out":
+        raise RuleError(f"init='olora' on {unit.key!r}: its weight is stored [in, out] (GPT-2's Conv1D), where PEFT "
+                        "computes OLoRA on the untransposed weight; checkpoints would not interchange. Use 'pissa'.")
     w = weight.detach().float()
     w = w.T if layout == "in_out" else w
     r, s = unit.r, unit.scaling

@@ -63,6 +63,7 @@ class LoraModel(nn.Module):
         self._folded: list[Folded] = []
         self._records: list[dict] = []
         self._bias: dict[str, str] = {}  # adapter -> PEFT's bias mode
+        self._residual_backup: list = []  # (weight, W before PiSSA/OLoRA) of the last add_adapter
         self._ready = True
 
     # ---- calling -------------------------------------------------------------------------------------
@@ -128,9 +129,12 @@ class LoraModel(nn.Module):
                                        " pass autocast_adapter_dtype=False.")
                 unit.init_magnitude(weight, t.layout)
             if is_weight_init(rule.init):  # PiSSA / OLoRA: A, B from W; the base keeps W - s·B A
+                if self._merged:
+                    raise MergeError(f"init={rule.init!r} rewrites base weights; unmerge() {self._merged} first.")
                 residuals.append((weight, svd_init(unit, weight, t.layout)))
             units.append(unit)
         self.adapters.add(adapter_name, units, {p: copy.deepcopy(m).requires_grad_(True) for p, m in saved.items()})
+        self._residual_backup = [(w, w.detach().clone()) for w, _ in residuals]  # for load_adapter's undo
         with torch.no_grad():
             for weight, residual in residuals:
                 weight.copy_(residual)
@@ -145,6 +149,10 @@ class LoraModel(nn.Module):
         names = [names] if isinstance(names, str) else list(names)
         for name in names:
             self.adapters.units(name)  # raises for an unknown name
+        saved_paths = [p for name in names for p in self.adapters.saved(name)]
+        if len(saved_paths) != len(set(saved_paths)):
+            raise AdapterError(f"Adapters {names} each keep a trained copy of the same module (modules_to_save); "
+                               "only one of them can be active at a time (PEFT refuses this too).")
         if self._merged and names != self.active_adapters:
             raise MergeError(f"Adapters {self._merged} are merged into the weights; unmerge() before set_adapter.")
         self.adapters.active = names
@@ -154,6 +162,8 @@ class LoraModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self._merged:
             raise MergeError(f"Adapter {adapter_name!r} is merged into the weights; unmerge() before deleting it.")
+        remove_lora(self.graph_module)  # the graph must stop reading the adapter before it goes
+        restore_saved(self.graph_module)
         self.adapters.delete(adapter_name)
         self._bias.pop(adapter_name, None)
         self._freeze()
@@ -199,6 +209,7 @@ class LoraModel(nn.Module):
         out = self.bias_parameters(adapter_name)
         for path, (_, module) in self.adapters.saved(adapter_name).items():
             out.update({f"{PREFIX}{path}.{n}": p for n, p in module.named_parameters()})
+            out.update({f"{PREFIX}{path}.{n}": b for n, b in module.named_buffers()})
         return out
 
     def bias_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -211,7 +222,7 @@ class LoraModel(nn.Module):
         out = {}
         for path, p in self.graph_module.named_parameters():
             owner, _, leaf = path.rpartition(".")
-            if "bias" not in leaf or path.startswith(self._store_name + "."):
+            if leaf != "bias" or path.startswith(self._store_name + "."):
                 continue
             if owner in keys:
                 out[f"{PREFIX}{owner}.base_layer.{leaf}"] = p
@@ -261,10 +272,11 @@ class LoraModel(nn.Module):
         return self._unload(keep_saved=True)
 
     def unload(self) -> torch.fx.GraphModule:
-        """The base graph with no LoRA, weights as they were before any merge."""
+        """The base graph with no LoRA, weights as they were before any merge (as in PEFT, the active
+        adapter's trained copies of ``modules_to_save`` replace the originals)."""
         if self._merged:
             self.unmerge()
-        return self._unload()
+        return self._unload(keep_saved=True)
 
     def _unload(self, keep_saved: bool = False) -> torch.fx.GraphModule:
         gm = self.graph_module
@@ -274,6 +286,8 @@ class LoraModel(nn.Module):
                     with torch.no_grad():
                         for pname, p in module.named_parameters():
                             gm.get_parameter(f"{path}.{pname}").copy_(p)
+                        for bname, b in module.named_buffers():
+                            gm.get_buffer(f"{path}.{bname}").copy_(b)
         remove_lora(gm)
         restore_saved(gm)
         for p in self.adapters.parameters():
@@ -311,9 +325,14 @@ class LoraModel(nn.Module):
                            self._extra_tensors(adapter_name))
         except Exception:
             self.delete_adapter(adapter_name)
+            with torch.no_grad():  # PiSSA/OLoRA residuals written by add_adapter go back
+                for weight, original in self._residual_backup:
+                    weight.copy_(original)
             if active:
                 self.set_adapter(active)
             raise
+        finally:
+            self._residual_backup = []
 
     # ---- introspection -------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -91,3 +91,118 @@ def test_training_mode_capture_warns():
     model = ZOO["gpt2"].build_fn()  # a fresh HF model is in training mode, with dropout
     with pytest.warns(UserWarning, match="training mode"):
         lora_fx.lorafy(model, ["c_attn"], example_inputs=ZOO["gpt2"].inputs())
+
+
+class BNHead(nn.Module):
+    """A BatchNorm (buffers) to save whole, and a parameter whose name contains 'bias' without being one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.pos_bias = nn.Parameter(torch.zeros(8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.fc1(x))) + self.pos_bias)
+
+
+def _bn_build():
+    torch.manual_seed(0)
+    return BNHead().eval()
+
+
+def test_modules_to_save_buffers_round_trip_with_peft(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    cfg = dict(target_modules=["fc1"], modules_to_save=["bn"], init_lora_weights=False)
+    pm = get_peft_model(_bn_build(), LoraConfig(**cfg))
+    pm.train()
+    for _ in range(3):  # the copy's running statistics move
+        pm(torch.randn(16, 6) * 3 + 1)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    x = torch.randn(5, 6)
+    lm = lora_fx.from_peft(_bn_build(), tmp_path / "peft")
+    assert rel_err(lm(x).detach(), pm(x).detach()) < 1e-6
+    lm.save_pretrained(tmp_path / "ours")
+    back = PeftModel.from_pretrained(_bn_build(), tmp_path / "ours").eval()
+    assert rel_err(back(x).detach(), lm(x).detach()) < 1e-6
+    ref = lm(x).detach()
+    gm = lm.merge_and_unload()  # trained running statistics come along
+    assert rel_err(gm(x).detach(), ref) < 1e-6
+
+
+def test_deleting_an_active_adapter_with_saved_modules():
+    lm = lora_fx.lorafy(_bn_build(), lora_fx.RuleSet([Rule(["fc1"])], modules_to_save=("head",)))
+    lm.add_adapter("b", Rule(["fc1"]))
+    lm.set_adapter("b")
+    lm.set_adapter("default")
+    lm.delete_adapter("default")
+    assert "saved" not in lm.graph_module.code and lm(torch.randn(2, 6)).shape == (2, 3)
+
+
+def test_two_active_adapters_saving_one_module_are_refused():
+    lm = lora_fx.lorafy(_bn_build(), lora_fx.RuleSet([Rule(["fc1"])], modules_to_save=("head",)))
+    lm.add_adapter("b", lora_fx.RuleSet([Rule(["fc1"])], modules_to_save=("head",)))
+    with pytest.raises(lora_fx.AdapterError, match="same module"):
+        lm.set_adapter(["default", "b"])
+
+
+def test_tied_lm_head_saved_whole_keeps_the_embedding():
+    from peft import LoraConfig, get_peft_model
+
+    c = ZOO["gpt2"]
+    cfg = dict(target_modules=["c_attn"], modules_to_save=["lm_head"], init_lora_weights=False)
+    torch.manual_seed(3)
+    pm = get_peft_model(c.build(), LoraConfig(**cfg)).eval()
+    lm = lora_fx.lorafy(c.build(), LoraConfig(**cfg), example_inputs=c.inputs())
+    lm.adapters.load_state_dict({k: v for k, v in lm.adapters.state_dict().items()})
+    with torch.no_grad():
+        for key, unit in lm.adapters.units("default").items():
+            mod = pm.base_model.model.get_submodule(key)
+            mod.lora_A["default"].weight.copy_(unit.lora_A)
+            mod.lora_B["default"].weight.copy_(unit.lora_B)
+        for copy_ in (pm.base_model.model.lm_head.modules_to_save["default"].weight,
+                      lm.adapters.saved("default")["lm_head"][1].weight):
+            copy_.mul_(1.5)  # a trained head, the embedding untouched
+        x = c.inputs()
+        assert rel_err(lm(*x).logits, pm(*x).logits) < 1e-6
+
+
+def test_failed_pissa_load_restores_the_base_weights(tmp_path):
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    c = ZOO["mlp"]
+    lora_fx.lorafy(c.build(), LoraConfig(target_modules=["fc1"], init_lora_weights="pissa", r=4)).save_pretrained(
+        tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = c.build()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lm = lora_fx.lorafy(model, Rule(["fc2"]))
+    with pytest.raises(lora_fx.CheckpointError):
+        lm.load_adapter(tmp_path, "other")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_weight_rewriting_init_refused_when_merged_or_on_conv1d():
+    c = ZOO["mlp"]
+    lm = lora_fx.lorafy(c.build(), Rule(["fc1"], init=False))
+    lm.merge()
+    with pytest.raises(lora_fx.MergeError, match="unmerge"):
+        lm.add_adapter("p", Rule(["fc2"], init="pissa"))
+    g = ZOO["gpt2"]
+    with pytest.raises(lora_fx.RuleError, match="olora"):
+        lora_fx.lorafy(g.build(), Rule(["c_proj"], init="olora"), example_inputs=g.inputs())
+
+
+def test_bias_all_takes_parameters_named_bias_only(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(_bn_build(), LoraConfig(target_modules=["fc1"], bias="all")).save_pretrained(tmp_path)
+    lm = lora_fx.from_peft(_bn_build(), tmp_path)
+    names = set(lm.bias_parameters("default"))
+    assert "base_model.model.pos_bias" not in names and "base_model.model.bn.bias" in names

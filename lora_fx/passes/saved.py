@@ -2,8 +2,9 @@
 
 PEFT's ``modules_to_save`` (a classifier head, say) trains a full copy of a module per adapter while the
 original stays frozen. Here the copy lives in the adapter store and the pass re-targets the graph's
-``call_module`` / ``get_attr`` nodes that read the module (or anything below it) to the copy;
-``restore_saved`` puts the original targets back.
+``call_module`` / ``get_attr`` nodes that read the module (or anything below it) to the copy. A ``get_attr``
+also read from outside the module (a tied weight: GPT-2's ``lm_head.weight`` is the embedding's too) keeps
+its other users: those inside the module get a new ``get_attr`` of the copy. ``restore_saved`` undoes it.
 
 Example::
 
@@ -17,18 +18,37 @@ from torch import fx
 from .common import TAG
 
 
+def _inside(user: fx.Node, path: str) -> bool:
+    """Whether ``user`` runs inside module ``path`` (export's nn_module_stack; fx graphs have none: yes)."""
+    stack = user.meta.get("nn_module_stack")
+    if not stack:
+        return True
+    inner = list(stack.values())[-1][0]
+    return inner == path or inner.startswith(path + ".")
+
+
 def swap_saved(gm: fx.GraphModule, copies: dict[str, str]) -> int:
-    """Re-target nodes reading module path ``p`` (or below it) to ``copies[p]``; returns the count."""
-    n = 0
-    for node in gm.graph.nodes:
+    """Re-target uses of module path ``p`` (or below it) to ``copies[p]``; returns how many nodes changed."""
+    g, n = gm.graph, 0
+    for node in list(g.nodes):
         if node.op not in ("call_module", "get_attr") or TAG in node.meta:
             continue
-        for path, copy_path in copies.items():
-            if node.target == path or node.target.startswith(path + "."):
-                node.meta[TAG] = {"role": "saved", "target": node.target}
-                node.target = copy_path + node.target[len(path):]
-                n += 1
-                break
+        path = next((p for p in copies if node.target == p or node.target.startswith(p + ".")), None)
+        if path is None:
+            continue
+        new_target = copies[path] + node.target[len(path):]
+        users = list(node.users)
+        if node.op == "get_attr" and not all(_inside(u, path) for u in users):
+            with g.inserting_after(node):
+                copy = g.get_attr(new_target)
+            copy.meta[TAG] = {"role": "saved_copy", "of": node.name}
+            for u in users:
+                if _inside(u, path):
+                    u.replace_input_with(node, copy)
+        else:
+            node.meta[TAG] = {"role": "saved", "target": node.target}
+            node.target = new_target
+        n += 1
     if n:
         gm.recompile()
     return n
@@ -36,12 +56,19 @@ def swap_saved(gm: fx.GraphModule, copies: dict[str, str]) -> int:
 
 def restore_saved(gm: fx.GraphModule) -> int:
     """Undo ``swap_saved``."""
-    n = 0
-    for node in gm.graph.nodes:
+    g, n = gm.graph, 0
+    by_name = {node.name: node for node in g.nodes}
+    for node in list(g.nodes):
         tag = node.meta.get(TAG)
-        if tag and tag.get("role") == "saved":
+        if not tag:
+            continue
+        if tag.get("role") == "saved":
             node.target = tag["target"]
             del node.meta[TAG]
+            n += 1
+        elif tag.get("role") == "saved_copy":
+            node.replace_all_uses_with(by_name[tag["of"]])
+            g.erase_node(node)
             n += 1
     if n:
         gm.recompile()

@@ -11,42 +11,29 @@ Example::
 from __future__ import annotations
 
 import copy
-import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .capture import Captured
-from .checkpoint import (
-    PREFIX,
-    WEIGHTS_NAME,
-    adapter_dir,
-    check_and_copy,
-    peft_config_dict,
-    read_config,
-    read_tensors,
-    save_adapter,
-    strip_adapter_name,
-)
 from .errors import AdapterError, MergeError
 from .init_schemes import is_weight_init, svd_init
 from .matching import match_targets
+from .model_io import CheckpointMixin
 from .passes import insert_lora, remove_lora
 from .passes.fold import Folded, fold_weights, unfold_weights
 from .passes.insert import adapter_dtype
 from .passes.saved import restore_saved, swap_saved
-from .peft_config import ruleset_from_peft_config
 from .report import RewriteReport, passes_summary
 from .rules import Rule, RuleLike, as_ruleset, exclude_output_layer, saved_modules
 from .store import AdapterStore, LoraUnit, check_adapter_name, unit_shapes
 from .targets import Target, find_targets
 
 
-class LoraModel(nn.Module):
+class LoraModel(CheckpointMixin, nn.Module):
     """A captured model with LoRA branches as graph rewrites. Call it as you would call the model."""
 
     def __init__(self, captured: Captured, *, fuse: bool = True) -> None:
@@ -204,32 +191,6 @@ class LoraModel(nn.Module):
             for p in self.bias_parameters(name).values():
                 p.requires_grad_(True)
 
-    def _extra_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
-        """Checkpoint tensors besides the units': trained biases and modules_to_save copies, by PEFT name."""
-        out = self.bias_parameters(adapter_name)
-        for path, (_, module) in self.adapters.saved(adapter_name).items():
-            out.update({f"{PREFIX}{path}.{n}": p for n, p in module.named_parameters()})
-            out.update({f"{PREFIX}{path}.{n}": b for n, b in module.named_buffers()})
-        return out
-
-    def bias_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
-        """The base biases adapter ``adapter_name`` trains (PEFT's ``bias="all"`` / ``"lora_only"``), by the
-        names PEFT saves them under."""
-        mode = self._bias.get(adapter_name, "none")
-        if mode == "none":
-            return {}
-        keys = set(self.adapters.units(adapter_name))
-        out = {}
-        for path, p in self.graph_module.named_parameters():
-            owner, _, leaf = path.rpartition(".")
-            if leaf != "bias" or path.startswith(self._store_name + "."):
-                continue
-            if owner in keys:
-                out[f"{PREFIX}{owner}.base_layer.{leaf}"] = p
-            elif mode == "all":
-                out[f"{PREFIX}{path}"] = p
-        return out
-
     # ---- merging ------------------------------------------------------------------------------------
     @property
     def merged_adapters(self) -> list[str]:
@@ -296,43 +257,6 @@ class LoraModel(nn.Module):
         self._merged, self._folded = [], []
         gm.recompile()
         return gm
-
-    # ---- checkpoints ---------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike, adapter_name: str | Iterable[str] | None = None) -> None:
-        """Write adapters in PEFT's format (``default`` in ``path``, others in ``path/<name>``)."""
-        names = self.adapters.names if adapter_name is None else (
-            [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
-        base = getattr(getattr(self._captured.source, "config", None), "_name_or_path", None) or None
-        for name in names:
-            units = list(self.adapters.units(name).values())
-            keys = {u.key for u in units}
-            fan_in_fan_out = any(t.layout == "in_out" for t in self.targets if t.key in keys)
-            config = peft_config_dict(units, fan_in_fan_out, base, self._bias.get(name, "none"))
-            config["modules_to_save"] = sorted(self.adapters.saved(name)) or None
-            save_adapter(adapter_dir(path, name), units, config, self._extra_tensors(name))
-
-    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", *,
-                     allow_pickle: bool = False) -> None:
-        """Read a PEFT adapter directory into a new adapter ``adapter_name``. On any error (missing file,
-        wrong keys or shapes, a config naming modules the model lacks) the model is left as it was."""
-        directory = Path(path)
-        config = read_config(directory)
-        tensors = strip_adapter_name(read_tensors(directory, allow_pickle), adapter_name)
-        active = self.active_adapters
-        self.add_adapter(adapter_name, ruleset_from_peft_config(config), autocast_adapter_dtype=True)
-        try:
-            check_and_copy(list(self.adapters.units(adapter_name).values()), tensors, directory / WEIGHTS_NAME,
-                           self._extra_tensors(adapter_name))
-        except Exception:
-            self.delete_adapter(adapter_name)
-            with torch.no_grad():  # PiSSA/OLoRA residuals written by add_adapter go back
-                for weight, original in self._residual_backup:
-                    weight.copy_(original)
-            if active:
-                self.set_adapter(active)
-            raise
-        finally:
-            self._residual_backup = []
 
     # ---- introspection -------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -11,9 +11,7 @@ Example::
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -28,7 +26,7 @@ from .passes.fold import Folded, fold_weights, unfold_weights
 from .passes.insert import adapter_dtype
 from .passes.saved import restore_saved, swap_saved
 from .report import RewriteReport, passes_summary
-from .rules import Rule, RuleLike, as_ruleset, exclude_output_layer, saved_modules
+from .rules import RuleLike, as_ruleset, resolve_for_model
 from .store import AdapterStore, LoraUnit, check_adapter_name, unit_shapes
 from .targets import Target, find_targets
 
@@ -92,13 +90,7 @@ class LoraModel(CheckpointMixin, nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.adapters.names:
             raise AdapterError(f"Adapter {adapter_name!r} already exists; choose another name.")
-        ruleset = as_ruleset(rules)
-        if ruleset.exclude_output_layer:
-            ruleset = exclude_output_layer(ruleset, self._captured.source)
-        saved = saved_modules(ruleset, self._captured.source)
-        if saved:  # PEFT never puts LoRA inside a module it saves whole
-            excludes = [Rule(f"re:(.*\\.)?{re.escape(p)}(\\..*)?", exclude=True) for p in saved]
-            ruleset = replace(ruleset, rules=[*excludes, *ruleset.rules])
+        ruleset, saved = resolve_for_model(as_ruleset(rules), self._captured.source)
         matched = match_targets(self._found, ruleset, type(self._captured.source).__name__)
         units, seen, residuals = [], set(), []
         for t in matched.targets:
@@ -300,7 +292,6 @@ class LoraModel(CheckpointMixin, nn.Module):
                               f"in adapter {name!r}")
         return RewriteReport(rows, trainable, total, unused, passes)
 
-    @torch.no_grad()
     def unit(self, key: str, adapter_name: str | None = None) -> LoraUnit:
         """The LoraUnit of ``key`` in ``adapter_name`` (default: the first active adapter)."""
         return self.adapters.unit(adapter_name or self.active_adapters[0], key)

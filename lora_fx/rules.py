@@ -195,6 +195,18 @@ def _is_peft_config(obj: Any) -> bool:
     return any(c.__name__ == "LoraConfig" for c in type(obj).__mro__) and hasattr(obj, "target_modules")
 
 
+def resolve_for_model(ruleset: RuleSet, model: Any) -> tuple[RuleSet, dict[str, Any]]:
+    """Apply the options that need the model: exclude the output layer (all-linear) and the modules saved
+    whole (PEFT never puts LoRA inside a module in ``modules_to_save``). Returns (rules, saved modules)."""
+    if ruleset.exclude_output_layer:
+        ruleset = exclude_output_layer(ruleset, model)
+    saved = saved_modules(ruleset, model)
+    if saved:
+        excludes = [Rule(f"re:(.*\\.)?{re.escape(p)}(\\..*)?", exclude=True) for p in saved]
+        ruleset = replace(ruleset, rules=[*excludes, *ruleset.rules])
+    return ruleset, saved
+
+
 def exclude_output_layer(ruleset: RuleSet, model: Any) -> RuleSet:
     """Put an exclude rule for ``model``'s output layer (``get_output_embeddings()``) first, as PEFT's
     ``all-linear`` does."""

@@ -74,9 +74,10 @@ def from_peft(
 
 @contextlib.contextmanager
 def _discard_on_error(lm: LoraModel):
-    """A GraphModule passed in by the user gets no empty adapter store left behind by a failed call."""
+    """A failed call leaves nothing behind: no adapter store on a GraphModule passed in, the base parameters'
+    ``requires_grad`` as they were."""
     try:
         yield
     except BaseException:
-        lm._unload()
+        lm._discard()
         raise

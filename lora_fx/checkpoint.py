@@ -37,9 +37,7 @@ PREFIX = "base_model.model."
 def unit_tensors(unit: LoraUnit) -> dict[str, torch.nn.Parameter]:
     """PEFT's tensor name -> parameter for ``unit`` (A, B, and DoRA's magnitude)."""
     p = f"{PREFIX}{unit.key}"
-    names = ((f"{p}.lora_embedding_A", f"{p}.lora_embedding_B") if unit.kind == "embedding"
-             else (f"{p}.lora_A.weight", f"{p}.lora_B.weight"))
-    out = {names[0]: unit.lora_A, names[1]: unit.lora_B}
+    out = {f"{p}.{unit.strategy.peft_a}": unit.lora_A, f"{p}.{unit.strategy.peft_b}": unit.lora_B}
     if unit.lora_magnitude_vector is not None:
         out[f"{p}.lora_magnitude_vector"] = unit.lora_magnitude_vector
     if unit.lora_B_bias is not None:

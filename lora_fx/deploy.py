@@ -1,9 +1,13 @@
 """Deployment: compile a (merged) module with good defaults, or export it as a ``.pt2`` program.
 
-``compile``: ``torch.compile`` with ``mode="max-autotune"`` when the module's parameters are on CUDA (Triton
-GEMM autotuning plus CUDA graphs: best steady-state latency, slower first compile) and the default mode on
-CPU (autotuning buys little there and costs compile time). ``dynamic=None`` lets shapes that vary (batch,
-sequence) become dynamic after the first recompile. Any keyword overrides these.
+``compile``: regional compilation when the module has repeated blocks (a LoraModel, or the graph module
+``merge_and_unload`` returns): each group of identical blocks compiles its program once and every block of the
+group reuses it, so compile time stops growing with depth; the module is compiled in place and returned. A
+module without blocks goes through ``torch.compile`` whole. Defaults: ``mode="max-autotune"`` when the
+parameters are on CUDA (Triton GEMM autotuning, plus CUDA graphs for a whole-module compile: best
+steady-state latency, slower first compile) and the default mode on CPU (autotuning buys little there and
+costs compile time). ``dynamic=None`` lets shapes that vary (batch, sequence) become dynamic after the first
+recompile. Any keyword overrides these; ``regional=False`` compiles a module with blocks whole.
 
 ``export``: ``torch.export.export(strict=False)`` with ``Dim.AUTO`` on every tensor dimension, saved with
 ``torch.export.save`` through a temporary file. ``torch.export.load(path).module()`` runs it with no lora_fx.
@@ -24,17 +28,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blocks import Block
 from .capture import export_program
 from .checkpoint import atomic_write
 
 
-def compile(module: nn.Module, **torch_compile_kwargs: Any) -> nn.Module:  # noqa: A001 (mirrors torch.compile)
-    """``torch.compile(module)`` with lora_fx's defaults (see the module docstring); kwargs override them."""
+def compile(module: nn.Module, *, regional: bool = True, **torch_compile_kwargs: Any) -> nn.Module:  # noqa: A001
+    """``torch.compile`` with lora_fx's defaults (see the module docstring); kwargs override them."""
     on_cuda = any(p.is_cuda for p in module.parameters())
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
     options: dict[str, Any] = {"dynamic": None}
-    if on_cuda:
-        options["mode"] = "max-autotune"
+    if on_cuda:  # CUDA graphs pay off for a whole graph; blocks share a program but not their weights
+        options["mode"] = "max-autotune-no-cudagraphs" if blocks and regional else "max-autotune"
     options.update(torch_compile_kwargs)
+    if blocks and regional:
+        for block in blocks:
+            block.set_compile(options)
+        return module
     return torch.compile(module, **options)
 
 

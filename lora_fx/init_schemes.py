@@ -8,7 +8,7 @@ At init the adapted layer computes ``W_res + s·B A = W``: outputs are unchanged
 
 Example::
 
-    w_res = svd_init(unit, weight, "out_in")   # sets unit.lora_A / lora_B, returns the residual weight
+    w_res = svd_init(unit, weight)   # sets unit.lora_A / lora_B, returns the residual weight
 """
 
 from __future__ import annotations
@@ -28,16 +28,14 @@ def is_weight_init(init: object) -> bool:
 
 
 @torch.no_grad()
-def svd_init(unit: LoraUnit, weight: torch.Tensor, layout: str) -> torch.Tensor:
+def svd_init(unit: LoraUnit, weight: torch.Tensor) -> torch.Tensor:
     """Set ``unit``'s A and B by its init scheme; return the residual base weight (not yet written)."""
-    if unit.kind != "linear":
-        raise RuleError(f"init={unit.init!r} on {unit.key!r}: PiSSA/OLoRA apply to linear layers only "
-                        f"(this is a {unit.kind}); use init='default' for it.")
-    if unit.init == "olora" and layout == "in_out":
+    transposed = unit.geometry.transposed
+    if unit.init == "olora" and transposed:
         raise RuleError(f"init='olora' on {unit.key!r}: its weight is stored [in, out] (GPT-2's Conv1D), where PEFT "
                         "computes OLoRA on the untransposed weight; checkpoints would not interchange. Use 'pissa'.")
     w = weight.detach().float()
-    w = w.T if layout == "in_out" else w
+    w = w.T if transposed else w
     r, s = unit.r, unit.scaling
     if unit.init == "olora":
         q, rr = torch.linalg.qr(w)
@@ -56,4 +54,4 @@ def svd_init(unit: LoraUnit, weight: torch.Tensor, layout: str) -> torch.Tensor:
     unit.lora_A.copy_(a.contiguous())
     unit.lora_B.copy_(b.contiguous())
     residual = w - s * unit.lora_B.float() @ unit.lora_A.float()
-    return (residual.T if layout == "in_out" else residual).to(weight.dtype)
+    return (residual.T if transposed else residual).to(weight.dtype)

@@ -18,8 +18,16 @@ from .targets import Target, Unsupported
 @dataclass
 class Matched:
     targets: list[Target]  # matched target nodes, in graph order (a key may have several nodes)
-    rules_by_key: dict[str, Rule]  # the effective rule (per-key overrides applied) of each key
+    rules_by_key: dict[str, Rule]  # the effective rule (per-key overrides applied) of each key, in graph order
     unused_rules: list[str]  # labels of rules that decided no key
+
+    @property
+    def first(self) -> dict[str, Target]:
+        """The first target node of each key."""
+        out: dict[str, Target] = {}
+        for t in self.targets:
+            out.setdefault(t.key, t)
+        return out
 
 
 def match_targets(found: list[Target | Unsupported], ruleset: RuleSet, model_name: str) -> Matched:
@@ -34,7 +42,7 @@ def match_targets(found: list[Target | Unsupported], ruleset: RuleSet, model_nam
             continue
         if isinstance(t, Unsupported):
             raise RuleError(
-                f"Rule {rule.label} matches {t.key!r} (node {t.node.name!r}, kind {t.kind!r}), which lora_fx "
+                f"Rule {rule.label} matches {t.key!r} (node {t.node!r}, kind {t.kind!r}), which lora_fx "
                 f"cannot adapt: {t.reason}. Exclude it with Rule({t.key!r}, exclude=True) or narrow the rule."
             )
         targets.append(t)

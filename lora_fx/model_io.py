@@ -13,7 +13,6 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .checkpoint import (
@@ -44,7 +43,7 @@ class CheckpointMixin:
     def bias_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """The base biases adapter ``adapter_name`` trains (PEFT's ``bias="all"`` / ``"lora_only"``), by the
         names PEFT saves them under."""
-        mode = self._bias.get(adapter_name, "none")
+        mode = self.adapters.entry(adapter_name).bias
         if mode == "none":
             return {}
         keys = set(self.adapters.units(adapter_name))
@@ -67,8 +66,8 @@ class CheckpointMixin:
         for name in names:
             units = list(self.adapters.units(name).values())
             keys = {u.key for u in units}
-            fan_in_fan_out = any(t.layout == "in_out" for t in self.targets if t.key in keys)
-            config = peft_config_dict(units, fan_in_fan_out, base, self._bias.get(name, "none"))
+            fan_in_fan_out = any(getattr(t.geometry, "transposed", False) for t in self.targets if t.key in keys)
+            config = peft_config_dict(units, fan_in_fan_out, base, self.adapters.entry(name).bias)
             config["modules_to_save"] = sorted(self.adapters.saved(name)) or None
             save_adapter(adapter_dir(path, name), units, config, self._extra_tensors(name))
 
@@ -79,18 +78,11 @@ class CheckpointMixin:
         directory = Path(path)
         config = read_config(directory)
         tensors = strip_adapter_name(read_tensors(directory, allow_pickle), adapter_name)
-        active = self.active_adapters
-        self.add_adapter(adapter_name, ruleset_from_peft_config(config), autocast_adapter_dtype=True)
+        undo = self._add(adapter_name, ruleset_from_peft_config(config), autocast_adapter_dtype=True)
         try:
             check_and_copy(list(self.adapters.units(adapter_name).values()), tensors, directory / WEIGHTS_NAME,
                            self._extra_tensors(adapter_name))
-        except Exception:
-            self.delete_adapter(adapter_name)
-            with torch.no_grad():  # PiSSA/OLoRA residuals written by add_adapter go back
-                for weight, original in self._residual_backup:
-                    weight.copy_(original)
-            if active:
-                self.set_adapter(active)
+            self.set_adapter(self.active_adapters or adapter_name)
+        except BaseException:
+            self._discard_adapter(adapter_name, undo)  # PiSSA/OLoRA residuals written by _add go back too
             raise
-        finally:
-            self._residual_backup = []

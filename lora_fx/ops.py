@@ -1,63 +1,16 @@
-"""The LoRA math on weights: ΔW of a unit in its base weight's layout, computed in float32.
+"""The functions LoRA graph nodes call: the fused sibling op and PEFT's DoRA forwards.
 
-- linear ``[out, in]``: ``ΔW = s · B @ A`` (``[in, out]`` layout, GPT-2's Conv1D: its transpose);
-- embedding ``[num, dim]``: ``ΔW = s · (B @ A)ᵀ``;
-- conv ``[out, in, *k]``: ``ΔW = s · (B[:, :, 1..] @ A.flatten(1)).view(out, in, *k)`` (a 1x1 conv after a conv
-  is one conv).
+(The math on weights, ``ΔW`` per kind, lives with each kind: ``kinds``.)
 
 Example::
 
-    w_merged = (w.float() + delta_weight(unit, "out_in", w.shape)).to(w.dtype)
+    q, k, v = lora_linear_group(x, (q, k, v), (A_q, A_k, A_v), (B_q, B_k, B_v), (2.0, 2.0, 2.0))
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from .store import LoraUnit
-
-
-def delta_weight(
-    unit: LoraUnit, layout: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """``s · ΔW`` for ``unit`` in ``dtype`` (float32 by default), shaped like the base weight (``shape``)."""
-    a, b = unit.lora_A.detach().to(dtype), unit.lora_B.detach().to(dtype)
-    if unit.kind == "conv":
-        delta = (b.flatten(1) @ a.flatten(1)).view(tuple(shape))
-    else:
-        delta = b @ a
-        if unit.kind == "embedding" or layout == "in_out":
-            delta = delta.T
-    return delta * unit.scaling
-
-
-def oriented(weight: torch.Tensor, unit: LoraUnit, layout: str) -> torch.Tensor:
-    """W with DoRA's output dimension first: linear ``[out, in]``, embedding ``[dim, num]``, conv as is."""
-    return weight.T if unit.kind == "embedding" or layout == "in_out" else weight
-
-
-def dora_weight_norm(unit: LoraUnit, weight: torch.Tensor, layout: str) -> torch.Tensor:
-    """``‖W + s·ΔW‖`` per output, detached, in PEFT's shape: ``[out]`` (linear), ``[dim]`` (embedding),
-    ``[1, out, 1, ...]`` (conv)."""
-    delta = oriented(delta_weight(unit, layout, weight.shape, weight.dtype), unit, layout)
-    w = oriented(weight, unit, layout) + delta
-    if unit.kind == "conv":
-        return w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(1, 0).detach()
-    return torch.linalg.norm(w, dim=1).detach()
-
-
-def dora_factor(unit: LoraUnit, weight: torch.Tensor, layout: str) -> torch.Tensor:
-    """``m / ‖W + s·ΔW‖`` shaped to scale W (in its own layout) output by output."""
-    factor = unit.lora_magnitude_vector.detach().to(weight.dtype) / dora_weight_norm(unit, weight, layout)
-    if unit.kind == "conv":
-        return factor.transpose(1, 0)
-    return factor.view(1, -1) if unit.kind == "embedding" or layout == "in_out" else factor.view(-1, 1)
-
-
-def merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """The dtype merges are computed in: float32, or the weight's own dtype when it is wider (float64)."""
-    return torch.promote_types(weight_dtype, torch.float32)
 
 
 class _LoraLinearGroup(torch.autograd.Function):

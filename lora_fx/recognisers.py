@@ -6,7 +6,7 @@ cannot be adapted, with the reason) or None. Adding an op form is one more funct
 Example::
 
     @recogniser
-    def my_linear(ctx, node): ...   # -> Target(key, "linear", node, input, weight_path, op, in, out)
+    def my_linear(ctx, node): ...   # -> Target(key, LINEAR, LinearGeometry(in, out), node.name, at, weight, op)
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .kinds import CONV, EMBEDDING, LINEAR, BiasRef, ConvGeometry, EmbeddingGeometry, LinearGeometry
 from .targets import Context, Target, Unsupported, arg, recogniser
 
 aten = torch.ops.aten
 
 
-def _module_bias(m: nn.Module, path: str) -> tuple[str, str] | None:
-    """Where a module's bias lives, for ops (DoRA) that need the base output without it."""
-    return ("attr", f"{path}.bias") if getattr(m, "bias", None) is not None else None
+def _module_bias(m: nn.Module, path: str) -> BiasRef | None:
+    """Where a module's bias lives, for ops (DoRA, merging lora_B's bias) that need it."""
+    return BiasRef(attr=f"{path}.bias") if getattr(m, "bias", None) is not None else None
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
@@ -40,15 +41,15 @@ def linear_module(ctx: Context, node: fx.Node) -> Target | None:
         return None
     m = ctx.module(node.target)
     if isinstance(m, nn.Linear):
-        layout, op = "out_in", "Linear"
+        transposed, op = False, "Linear"
         out_f, in_f = m.weight.shape
     elif m is not None and _is_hf_conv1d(m):
-        layout, op = "in_out", "Conv1D"
+        transposed, op = True, "Conv1D"
         in_f, out_f = m.weight.shape
     else:
         return None
-    return Target(node.target, "linear", node, (0, "input"), f"{node.target}.weight", op, in_f, out_f,
-                  layout, extra={"bias": _module_bias(m, node.target)})
+    geometry = LinearGeometry(in_f, out_f, transposed, _module_bias(m, node.target))
+    return Target(node.target, LINEAR, geometry, node.name, (0, "input"), f"{node.target}.weight", op)
 
 
 _LINEAR_FNS = {F.linear: "F.linear", aten.linear.default: "aten.linear"}
@@ -66,33 +67,33 @@ def linear_function(ctx: Context, node: fx.Node) -> Target | None:
     if node.op != "call_function":
         return None
     if node.target in _LINEAR_FNS:
-        at, w, layout, bias = (0, "input"), arg(node, 1, "weight"), "out_in", ("arg", (2, "bias"))
+        at, w, transposed, bias = (0, "input"), arg(node, 1, "weight"), False, BiasRef(at=(2, "bias"))
     elif node.target in _MATMUL_FNS:
-        at, w, layout, bias = (0, "input"), arg(node, 1, "other"), "in_out", None
+        at, w, transposed, bias = (0, "input"), arg(node, 1, "other"), True, None
     elif node.target in _ADDMM_FNS:
         if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("beta", 1) != 1:
             return None
-        at, w, layout, bias = (1, "mat1"), arg(node, 2, "mat2"), "in_out", ("arg", (0, "input"))
+        at, w, transposed, bias = (1, "mat1"), arg(node, 2, "mat2"), True, BiasRef(at=(0, "input"))
     else:
         return None
     found = ctx.param_of(w)
     if found is None or found[1].dim() != 2 or not isinstance(arg(node, *at), fx.Node):
         return None
     path, p = found
-    out_f, in_f = p.shape if layout == "out_in" else p.shape[::-1]
+    out_f, in_f = p.shape[::-1] if transposed else p.shape
     op = {**_LINEAR_FNS, **_MATMUL_FNS, **_ADDMM_FNS}[node.target]
-    return Target(ctx.key_for(node, path, p), "linear", node, at, path, op, in_f, out_f, layout,
-                  extra={"bias": bias})
+    return Target(ctx.key_for(node, path, p), LINEAR, LinearGeometry(in_f, out_f, transposed, bias), node.name,
+                  at, path, op)
 
 
 # ---- embedding ---------------------------------------------------------------------------------------
 
 def _embedding_target(ctx: Context, node: fx.Node, key: str, at, path: str, weight, op: str, settings: dict):
     if settings.get("max_norm") is not None:
-        return Unsupported(key, "embedding", node, "max_norm renormalises the embedding weight in place during "
-                                                   "the forward, which LoRA's separate tables cannot follow")
+        return Unsupported(key, "embedding", node.name, "max_norm renormalises the embedding weight in place during "
+                                                        "the forward, which LoRA's separate tables cannot follow")
     num, dim = weight.shape
-    return Target(key, "embedding", node, at, path, op, num, dim, extra={"padding_idx": settings.get("padding_idx")})
+    return Target(key, EMBEDDING, EmbeddingGeometry(num, dim, settings.get("padding_idx")), node.name, at, path, op)
 
 
 @recogniser
@@ -102,8 +103,8 @@ def embedding_module(ctx: Context, node: fx.Node) -> Target | Unsupported | None
         return None
     m = ctx.module(node.target)
     if isinstance(m, nn.EmbeddingBag):
-        return Unsupported(node.target, "embedding", node, "nn.EmbeddingBag reduces bags of rows; only "
-                                                           "nn.Embedding lookups can be adapted")
+        return Unsupported(node.target, "embedding", node.name, "nn.EmbeddingBag reduces bags of rows; only "
+                                                                "nn.Embedding lookups can be adapted")
     if not isinstance(m, nn.Embedding):
         return None
     return _embedding_target(ctx, node, node.target, (0, "input"), f"{node.target}.weight", m.weight,
@@ -143,12 +144,12 @@ _TRANSPOSED_FNS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 def _conv_target(node, key, at, path, weight, op, dims, stride, padding, dilation, groups, pad=None, pad_mode=None,
                  bias=None):
     if groups != 1:
-        return Unsupported(key, "conv", node, f"grouped/depthwise convolution (groups={groups}) is not supported; "
-                                              "LoRA's A and B convs are ungrouped")
+        return Unsupported(key, "conv", node.name, f"grouped/depthwise convolution (groups={groups}) is not "
+                                                   "supported; LoRA's A and B convs are ungrouped")
     out_c, in_c = weight.shape[:2]
-    extra = {"dims": dims, "kernel": tuple(weight.shape[2:]), "stride": stride, "padding": padding,
-             "dilation": dilation, "pad": pad, "pad_mode": pad_mode, "bias": bias}
-    return Target(key, "conv", node, at, path, op, in_c, out_c, extra=extra)
+    geometry = ConvGeometry(dims, in_c, out_c, tuple(weight.shape[2:]), stride, padding, dilation, pad, pad_mode,
+                            bias)
+    return Target(key, CONV, geometry, node.name, at, path, op)
 
 
 @recogniser
@@ -158,7 +159,7 @@ def conv_module(ctx: Context, node: fx.Node) -> Target | Unsupported | None:
         return None
     m = ctx.module(node.target)
     if isinstance(m, nn.modules.conv._ConvTransposeNd):
-        return Unsupported(node.target, "conv", node, "transposed convolutions are not supported")
+        return Unsupported(node.target, "conv", node.name, "transposed convolutions are not supported")
     dims = _CONV_MODULES.get(type(m))
     if dims is None:
         return None
@@ -197,6 +198,6 @@ def conv_function(ctx: Context, node: fx.Node) -> Target | Unsupported | None:
     path, p = found
     key = ctx.key_for(node, path, p)
     if transposed:
-        return Unsupported(key, "conv", node, "transposed convolutions are not supported")
+        return Unsupported(key, "conv", node.name, "transposed convolutions are not supported")
     return _conv_target(node, key, (0, "input"), path, p, op, dims or p.dim() - 2, stride, padding,
-                        dilation, groups, bias=("arg", (2, "bias")))
+                        dilation, groups, bias=BiasRef(at=(2, "bias")))

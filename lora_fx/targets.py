@@ -1,70 +1,87 @@
 """Find the nodes LoRA can attach to: one recogniser per op form, kept in a registry.
 
-A recogniser looks at one fx node and returns a ``Target`` (adaptable), an ``Unsupported`` (a layer
-of a known kind this version cannot adapt, with the reason), or None. ``find_targets`` runs every
-recogniser over the graph.
+A recogniser looks at one fx node and returns a ``Target`` (adaptable), an ``Unsupported`` (a layer of a known
+kind this version cannot adapt, with the reason), or None. ``find_targets`` runs every recogniser over a graph:
+the outer graph of a captured model, or the template graph of a repeated block (keys relative to the block;
+``Target.placed`` gives a block member's copy with its full key).
 
-Keys follow PEFT: the dotted module path (``model.layers.0.self_attn.q_proj``); for a functional use of
-a parameter, the parameter path without ``.weight``.
+Keys follow PEFT: the dotted module path (``model.layers.0.self_attn.q_proj``); for a functional use of a
+parameter, the parameter path without ``.weight``.
 
 Example::
 
-    for t in find_targets(gm, model):
-        print(t.key, t.kind, t.in_features, t.out_features)
+    for t in find_targets(gm.graph, gm, model):
+        print(t.key, t.kind, t.geometry)
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import fx, nn
 
+from .kinds import Kind
 
-@dataclass
+
+@dataclass(frozen=True)
 class Target:
-    key: str
-    kind: str  # "linear" | "embedding" | "conv"
-    node: fx.Node  # the base op whose output gets the LoRA delta added
-    input_at: tuple[int, str]  # where the node takes the activation the LoRA branch reads: (position, kwarg)
-    weight_path: str  # attribute path of the base weight inside the graph module
+    key: str  # PEFT's key; relative to the block for a template's target
+    strategy: Kind
+    geometry: Any  # LinearGeometry | EmbeddingGeometry | ConvGeometry
+    node: str  # name of the base op node (its output gets the LoRA delta) in its pristine graph
+    input_at: tuple[int, str]  # where the node takes the activation the branch reads: (position, keyword)
+    weight: str  # attribute path of the base weight, relative to the graph's module
     op: str  # the op form, e.g. "Linear", "F.linear", "aten.addmm"
-    in_features: int
-    out_features: int
-    layout: str = "out_in"  # "out_in": W is [out, in]; "in_out": W is [in, out] (GPT-2 Conv1D)
-    shared: bool = False  # the weight has other uses in the graph
-    extra: dict[str, Any] = field(default_factory=dict)  # kind-specific settings (conv stride, ...)
+    graph: str = ""  # "" for the outer graph, else the template id
+    block: str = ""  # the block member path ("" outside blocks)
+    shared: bool = False  # the weight has uses that are not this key's
 
     @property
-    def input(self) -> fx.Node:
-        """The node's current input (read from its args, so earlier rewrites upstream are seen)."""
-        return arg(self.node, *self.input_at)
+    def kind(self) -> str:
+        return self.strategy.name
+
+    @property
+    def weight_path(self) -> str:
+        """The weight's attribute path from the graph module (the LoraModel's ``graph_module``)."""
+        return f"{self.block}.{self.weight}" if self.block else self.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.geometry.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.geometry.out_features
+
+    def placed(self, block: str) -> Target:
+        """This template target as it sits in block member ``block``."""
+        return replace(self, key=f"{block}.{self.key}", block=block)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Unsupported:
     key: str
     kind: str
-    node: fx.Node
+    node: str
     reason: str
+
+    def placed(self, block: str) -> Unsupported:
+        return replace(self, key=f"{block}.{self.key}")
 
 
 @dataclass
 class Context:
-    """What recognisers need besides the node: the graph module, the source model, weight use counts."""
+    """What recognisers need besides the node: the graph's module (to resolve attributes) and the source
+    module it was captured from (to name keys)."""
 
-    gm: fx.GraphModule
+    gm: nn.Module
     source: nn.Module
-    param_paths: dict[int, str]
-    uses: Counter
 
     def module(self, path: str) -> nn.Module | None:
-        try:
-            return self.gm.get_submodule(path)
-        except AttributeError:
-            return None
+        return _get_submodule(self.gm, path)
 
     def param_of(self, node: Any) -> tuple[str, nn.Parameter] | None:
         """(path, parameter) when ``node`` is a get_attr of a Parameter."""
@@ -103,44 +120,35 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
-def find_targets(gm: fx.GraphModule, source: nn.Module) -> list[Target | Unsupported]:
-    """Every adaptable (or known-but-unsupported) node of ``gm``, in graph order."""
-    ctx = Context(gm, source, _param_paths(gm), weight_uses(gm))
-    found = []
-    for node in gm.graph.nodes:
-        if node.meta.get("lora_fx"):
-            continue
+def find_targets(graph: fx.Graph, gm: nn.Module, source: nn.Module, graph_id: str = "") -> list[Target | Unsupported]:
+    """Every adaptable (or known-but-unsupported) node of ``graph``, in graph order. ``gm`` resolves the graph's
+    attributes; ``source`` is the module captured (keys are named from it)."""
+    ctx = Context(gm, source)
+    found: list[Target | Unsupported] = []
+    for node in graph.nodes:
         for rec in RECOGNISERS:
             t = rec(ctx, node)
             if t is not None:
-                if isinstance(t, Target):
-                    t.shared = ctx.uses[id(gm.get_parameter(t.weight_path))] > 1
-                found.append(t)
+                found.append(replace(t, graph=graph_id) if isinstance(t, Target) else t)
                 break
     return found
 
 
-def _param_paths(gm: fx.GraphModule) -> dict[int, str]:
-    return {id(p): n for n, p in gm.named_parameters(remove_duplicate=False)}
-
-
-def weight_uses(gm: fx.GraphModule) -> Counter:
-    """How many base op nodes read each parameter (by identity), through call_module or get_attr; nodes
-    lora_fx inserted do not count."""
+def weight_uses(graph: fx.Graph, root: nn.Module, calls: int = 1) -> Counter:
+    """How many times each parameter (by identity) is read by the graph's ops, through call_module or get_attr,
+    times ``calls`` (how often the graph runs per forward: a shared block runs several times)."""
     uses: Counter = Counter()
-    for node in gm.graph.nodes:
-        if "lora_fx" in node.meta:
-            continue
+    for node in graph.nodes:
         if node.op == "call_module":
-            w = getattr(gm.get_submodule(node.target), "weight", None)
+            w = getattr(_get_submodule(root, node.target), "weight", None)
             if isinstance(w, nn.Parameter):
-                uses[id(w)] += 1
+                uses[id(w)] += calls
         elif node.op == "get_attr":
             try:
-                p = gm.get_parameter(node.target)
+                p = root.get_parameter(node.target)
             except AttributeError:
                 continue
-            uses[id(p)] += sum("lora_fx" not in u.meta for u in node.users)
+            uses[id(p)] += calls * len(node.users)
     return uses
 
 

@@ -34,6 +34,13 @@ def peft_twin(case: Case, lm, adapter: str = "default", dtype=torch.float32, **c
     return pm
 
 
+def all_nodes(lm):
+    """Every node a forward runs: the outer graph's, then each block's program (once per block)."""
+    yield from lm.graph_module.graph.nodes
+    for block in lm.blocks.values():
+        yield from block.graph.nodes
+
+
 def run(model, case: Case, inputs: tuple | None = None) -> torch.Tensor:
     with torch.no_grad():
         return output_tensor(model(*(inputs if inputs is not None else case.inputs())))

@@ -127,7 +127,7 @@ def saved_mlp(tmp_path):
 def _target():
     c = ZOO["mlp"]
     lm = lora_fx.lorafy(c.build(), Rule(["fc1"], init=False))
-    return lm, lm.graph_module.code, lm.adapters.names
+    return lm, lm.code, lm.adapters.names
 
 
 def _edit_tensors(path, fn):
@@ -141,7 +141,7 @@ def _expect_unchanged_after(error, fragment, path, **kwargs):
     with pytest.raises(error) as e:
         lm.load_adapter(path, "extra", **kwargs)
     assert fragment in str(e.value)
-    assert lm.graph_module.code == code and lm.adapters.names == names and lm.active_adapters == ["default"]
+    assert lm.code == code and lm.adapters.names == names and lm.active_adapters == ["default"]
     return str(e.value)
 
 

@@ -11,7 +11,6 @@ from zoo import ZOO, output_tensor
 
 import lora_fx
 from lora_fx import Rule, RuleError
-from lora_fx.ops import delta_weight
 
 
 class DilatedCNN(nn.Module):
@@ -49,7 +48,7 @@ def merged_reference(model: nn.Module, lm, keys) -> nn.Module:
             owner_path, _, attr = t.weight_path.rpartition(".")
             owner = ref.get_submodule(owner_path.replace("graph_module.", "")) if owner_path else ref
             w = getattr(owner, attr)
-            setattr(owner, attr, nn.Parameter(w + delta_weight(lm.unit(key), t.layout, w.shape).to(w.dtype)))
+            setattr(owner, attr, nn.Parameter(w + lm.unit(key).delta_weight().to(w.dtype)))
     return ref
 
 
@@ -87,7 +86,7 @@ def test_embedding_init_is_identity_with_peft_layout():
     unit = lm.unit("emb")
     assert unit.lora_A.shape == (4, 40) and unit.lora_B.shape == (16, 4)
     assert torch.count_nonzero(unit.lora_A) == 0 and torch.count_nonzero(unit.lora_B) > 0
-    assert "dropout" not in lm.graph_module.code  # no dropout on indices, as in PEFT
+    assert "dropout" not in lm.code  # no dropout on indices, as in PEFT
 
 
 def test_kinds_filter():
@@ -101,7 +100,7 @@ def _gpt2_wte_reference(lm, model):
     ref = copy.deepcopy(model)
     w = model.transformer.wte.weight
     with torch.no_grad():
-        ref.transformer.wte.weight = nn.Parameter(w + delta_weight(lm.unit("transformer.wte"), "out_in", w.shape))
+        ref.transformer.wte.weight = nn.Parameter(w + lm.unit("transformer.wte").delta_weight())
         ref.lm_head.weight = nn.Parameter(w.clone())
     return ref
 
@@ -136,7 +135,7 @@ def test_tied_weight_in_traced_model():
     lm = lora_fx.lorafy(model, Rule(["emb"], init=False))
     assert "shared weight" in lm.report().rows[0]["action"]
     w = model.emb.weight.detach()
-    emb_w = w + delta_weight(lm.unit("emb"), "out_in", w.shape)
+    emb_w = w + lm.unit("emb").delta_weight()
     ref = F.linear(torch.tanh(F.embedding(ids, emb_w)), w)
     assert rel_err(lm(ids).detach(), ref) < 1e-6
 

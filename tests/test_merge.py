@@ -8,6 +8,7 @@ from zoo import ZOO, output_tensor
 
 import lora_fx
 from lora_fx import AdapterError, MergeError, Rule
+from lora_fx.blocks import code_of
 
 
 def _lorafied(case, **rule):
@@ -20,7 +21,7 @@ def test_merged_equals_unmerged_and_graph_has_no_lora(case):
     model, lm = _lorafied(case)
     before = run(lm, case)
     lm.merge()
-    assert "lora" not in lm.graph_module.code
+    assert "lora" not in lm.code
     assert rel_err(run(lm, case), before) < 1e-5
     assert all("merged" in row["action"] for row in lm.report().rows)
 
@@ -41,7 +42,7 @@ def test_merge_unmerge_restores_base_weights(case, keep_original):
         else:
             scale = (base[n].norm() + (merged[n] - base[n]).norm()).item()
             assert (p.detach() - base[n]).norm().item() <= 1e-6 * scale, n
-    assert "lora" in lm.graph_module.code
+    assert "lora" in lm.code
     assert rel_err(run(lm, case), before) < 1e-6
 
 
@@ -73,11 +74,11 @@ def test_safe_merge_refuses_non_finite_and_changes_nothing():
     with torch.no_grad():
         lm.unit("fc2").lora_B[0, 0] = float("inf")
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    code = lm.graph_module.code
+    code = lm.code
     with pytest.raises(MergeError, match="'fc2'"):
         lm.merge(safe=True)
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
-    assert lm.graph_module.code == code and lm.merged_adapters == []
+    assert lm.code == code and lm.merged_adapters == []
 
 
 def test_merge_state_errors():
@@ -119,7 +120,7 @@ def test_merge_and_unload_gives_plain_graph(case):
     before = run(lm, case)
     gm = lm.merge_and_unload()
     assert isinstance(gm, torch.fx.GraphModule)
-    assert "lora" not in gm.code and not hasattr(gm, "lora")
+    assert "lora" not in code_of(gm) and not hasattr(gm, "lora")
     assert not any("lora" in n for n, _ in gm.named_parameters())
     assert rel_err(run(gm, case), before) < 1e-5
     with pytest.raises(AdapterError, match="unloaded"):
@@ -131,7 +132,7 @@ def test_unload_gives_base_graph(case):
     base_out = run(case.build(), case)
     lm.merge()
     gm = lm.unload()
-    assert "lora" not in gm.code and torch.equal(run(gm, case), base_out)
+    assert "lora" not in code_of(gm) and torch.equal(run(gm, case), base_out)
 
 
 def test_merged_hf_model_generates_with_merged_weights():

@@ -50,7 +50,7 @@ def test_training_moves_only_adapters_and_lowers_loss(case):
 def test_dropout_follows_train_and_eval(name):
     c = ZOO[name]
     lm = lora_fx.lorafy(c.build(), Rule(c.targets, dropout=0.5, init=False), **c.lorafy_kwargs())
-    assert "dropout" in lm.graph_module.code
+    assert "dropout" in lm.code
     lm.eval()
     assert torch.equal(run(lm, c), run(lm, c))
     lm.train()
@@ -64,8 +64,8 @@ def test_dropout_follows_train_and_eval(name):
 
 def test_zero_dropout_inserts_no_dropout_node():
     lm = lora_fx.lorafy(MLP(), ["fc1"])
-    assert "dropout" not in lm.graph_module.code
-    assert "self.lora.default.fc1.lora_A" in lm.graph_module.code
+    assert "dropout" not in lm.code
+    assert "self.lora.default.fc1.lora_A" in lm.code
 
 
 def test_graph_module_input_is_accepted():
@@ -119,7 +119,7 @@ def test_second_adapter_and_set_adapter():
     assert lm.active_adapters == ["default"] and torch.equal(run(lm, c), out_a)
     assert all(not p.requires_grad for p in lm.adapters.other.parameters())
     lm.set_adapter("other")
-    assert "lora.other.fc2" in lm.graph_module.code and "lora.default" not in lm.graph_module.code
+    assert "lora.other.fc2" in lm.code and "lora.default" not in lm.code
     assert all(p.requires_grad for p in lm.adapters.other.parameters())
     lm.set_adapter(["default", "other"])
     model = c.build()

@@ -4,7 +4,7 @@ compiled training has no graph break in the LoRA parts."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_err, run
+from helpers import all_nodes, rel_err, run
 from zoo import ZOO, output_tensor
 
 import lora_fx
@@ -12,8 +12,8 @@ from lora_fx import Rule
 from lora_fx.ops import lora_linear_group
 
 
-def _count(gm, target):
-    return sum(n.op == "call_function" and n.target is target for n in gm.graph.nodes)
+def _count(lm, target):
+    return sum(n.op == "call_function" and n.target is target for n in all_nodes(lm))
 
 
 def _loss_and_grads(lm, case, model=None):
@@ -33,10 +33,10 @@ def test_fusion_node_counts_llama():
     fused = lora_fx.lorafy(c.build(), Rule(c.targets, init=False), fuse=True, **c.lorafy_kwargs())
     # plain: two F.linear, one mul, one add per branch (14 branches); fused: per layer one q/k/v group, o_proj,
     # one gate/up group, down_proj = 4 ops x 2 layers, and no LoRA F.linear at all
-    assert _count(plain.graph_module, F.linear) == 28 and _count(plain.graph_module, lora_linear_group) == 0
-    assert _count(fused.graph_module, lora_linear_group) == 8 and _count(fused.graph_module, F.linear) == 0
+    assert _count(plain, F.linear) == 28 and _count(plain, lora_linear_group) == 0
+    assert _count(fused, lora_linear_group) == 8 and _count(fused, F.linear) == 0
     assert "sibling groups" in str(fused.report()) and "drop_dropout" in str(fused.report())
-    assert len(fused.graph_module.graph.nodes) < len(plain.graph_module.graph.nodes)
+    assert len(list(all_nodes(fused))) < len(list(all_nodes(plain)))
 
 
 @pytest.mark.parametrize("name", ["mlp", "functional", "llama", "qwen2", "bert", "embed"])
@@ -59,7 +59,7 @@ def test_fused_equals_plain_forward_and_backward(name):
 def test_dropout_branches_are_fused_alone():
     c = ZOO["llama"]
     lm = lora_fx.lorafy(c.build(), Rule(c.targets, dropout=0.1), **c.lorafy_kwargs())
-    assert _count(lm.graph_module, lora_linear_group) == 14  # one per branch: each has its own mask
+    assert _count(lm, lora_linear_group) == 14  # one per branch: each has its own mask
     assert "drop_dropout" not in str(lm.report())
 
 
@@ -73,8 +73,10 @@ def test_unload_after_fusion_restores_base_graph():
     assert len(gm.graph.nodes) == n_captured and torch.equal(run(gm, c), base_out)
 
 
-@pytest.mark.parametrize("name", ["mlp", "llama"])
-def test_compiled_training_has_no_graph_break(name):
+@pytest.mark.parametrize("name,regional,graphs", [("mlp", True, 1), ("llama", False, 1), ("llama", True, 2)])
+def test_compiled_training_has_no_graph_break(name, regional, graphs):
+    """Whole-module compile: one graph. Regional (per block): one graph per block program, plus one for the first
+    block, whose input (the frozen embedding's output) needs no gradient."""
     from torch._dynamo.utils import counters
 
     c = ZOO[name]
@@ -82,7 +84,7 @@ def test_compiled_training_has_no_graph_break(name):
     loss_e, grads_e = _loss_and_grads(lm, c)
     torch._dynamo.reset()
     counters.clear()
-    compiled = lora_fx.compile(lm)
+    compiled = lora_fx.compile(lm, regional=regional)
     opt = torch.optim.AdamW(lm.trainable_parameters(), lr=1e-3)
     loss_c, grads_c = _loss_and_grads(lm, c, compiled)
     assert rel_err(loss_c, loss_e) < 1e-5
@@ -90,4 +92,4 @@ def test_compiled_training_has_no_graph_break(name):
         assert rel_err(gc, ge) < 1e-4
     opt.step()
     assert sum(counters["graph_break"].values()) == 0
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -139,7 +139,7 @@ def test_deleting_an_active_adapter_with_saved_modules():
     lm.set_adapter("b")
     lm.set_adapter("default")
     lm.delete_adapter("default")
-    assert "saved" not in lm.graph_module.code and lm(torch.randn(2, 6)).shape == (2, 3)
+    assert "saved" not in lm.code and lm(torch.randn(2, 6)).shape == (2, 3)
 
 
 def test_two_active_adapters_saving_one_module_are_refused():

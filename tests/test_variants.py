@@ -62,7 +62,7 @@ def test_dora_init_is_identity_and_merge_round_trip(name):
     before = run(lm, c)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     lm.merge()
-    assert "dora" not in lm.graph_module.code and rel_err(run(lm, c), before) < 1e-5
+    assert "dora" not in lm.code and rel_err(run(lm, c), before) < 1e-5
     lm.unmerge()
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     gm = lm.merge_and_unload()
@@ -213,10 +213,10 @@ def test_lora_bias_matches_peft(name, targets, tmp_path):
 def test_lora_bias_merge_without_base_bias_is_refused():
     c = ZOO["mlp"]  # fc2 has no bias
     lm = lora_fx.lorafy(c.build(), Rule(["fc2"], lora_bias=True, init=False))
-    code = lm.graph_module.code
+    code = lm.code
     with pytest.raises(lora_fx.MergeError, match="'fc2' has no base bias"):
         lm.merge()
-    assert lm.graph_module.code == code and lm.merged_adapters == []
+    assert lm.code == code and lm.merged_adapters == []
 
 
 @pytest.mark.parametrize("cfg", [

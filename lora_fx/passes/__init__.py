@@ -1,6 +1,5 @@
-"""Graph passes: plain functions ``(gm, ...) -> records`` that end with DCE, lint and recompile."""
+"""Graph passes: plain functions on a fresh copy of a captured graph (see ``derive``)."""
 
-from .insert import insert_lora
-from .remove import remove_lora
+from .derive import Rewrite, derive
 
-__all__ = ["insert_lora", "remove_lora"]
+__all__ = ["Rewrite", "derive"]

@@ -4,87 +4,107 @@ For siblings ``q, k, v = W_q x, W_k x, W_v x`` the pass emits one node::
 
     q_lora, k_lora, v_lora = lora_linear_group(x, (q, k, v), (A_q, A_k, A_v), (B_q, B_k, B_v), (s, s, s))
 
-which computes ``h = x [A_q; A_k; A_v]ᵀ`` in one GEMM and adds ``s · h_i B_iᵀ`` into each base output with
-one in-place ``addmm_`` (scale folded in, no separate multiply/add kernels); its backward computes ``dA`` and
-``dx`` for the whole group in one GEMM each (see ``ops.lora_linear_group``). A lone linear target becomes a
-group of one. Branches with dropout get their own group (each branch has its own dropout mask).
+which computes ``h = x [A_q; A_k; A_v]ᵀ`` in one GEMM and adds ``s · h_i B_iᵀ`` into each base output (see
+``ops.lora_linear_group``). Candidates are bucketed in one pass by (input node, adapter); a lone linear
+target is a group of one, and a branch with dropout is alone (each branch has its own dropout mask).
 
-Eligible: linear targets in ``nn.Linear`` / ``F.linear`` / ``aten.linear`` form whose adapter has the base
-weight's dtype. Sibling base nodes are moved next to the first one so the group can follow them all.
+Eligible: linear targets in ``nn.Linear`` / ``F.linear`` / ``aten.linear`` form with exactly one branch, no
+DoRA or lora_bias, whose adapter has the base weight's dtype. A sibling joins its group's first member only if
+it can be moved right after it (its inputs are defined before the first member); its weight ``get_attr`` is
+moved up with it when it comes later.
 
 Example::
 
-    group = sibling_group(gm, t, candidates)   # t plus the siblings that can join it
-    emit_group(gm, store, group, "default")
+    records = fuse_linear(graph, [(target, node, "default", unit), ...], inputs)
 """
 
 from __future__ import annotations
 
 import operator
+from collections import defaultdict
 
 from torch import fx
 
+from ..kinds import LINEAR
 from ..ops import lora_linear_group
-from ..store import AdapterStore, LoraUnit
-from ..targets import Target
-from .common import new_node
+from ..targets import Target, arg
+from .common import ident, new_node
 
 FUSABLE_OPS = ("Linear", "F.linear", "aten.linear")
 
 
-def fusable(gm: fx.GraphModule, t: Target, unit: LoraUnit) -> bool:
-    return (t.kind == "linear" and t.op in FUSABLE_OPS and not unit.use_dora and not unit.lora_bias
-            and unit.lora_A.dtype == gm.get_parameter(t.weight_path).dtype)
+def fusable(t: Target, unit, base_dtype) -> bool:
+    return (t.strategy is LINEAR and t.op in FUSABLE_OPS and not unit.use_dora and not unit.lora_bias
+            and unit.lora_A.dtype == base_dtype)
 
 
-def sibling_group(gm: fx.GraphModule, first: Target, candidates: list[Target], dropout: bool) -> list[Target]:
-    """``first`` plus the candidates that read the same input and can be moved right after it."""
-    if dropout:
-        return [first]
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    start = order[first.node]
-    group = [first]
-    for t in candidates:
-        if t.input is not first.input or t.node is first.node:
-            continue
-        inputs = t.node.all_input_nodes
-        if all(order[i] < start or i.op == "get_attr" for i in inputs):
-            group.append(t)
+def fuse_linear(graph: fx.Graph, candidates: list[tuple[Target, fx.Node, str, object]], inputs) -> list[dict]:
+    """Emit ``candidates`` (target, base node, adapter, unit), in graph order, as fused groups; one record each."""
+    buckets: dict[tuple, list] = defaultdict(list)
+    for c in candidates:
+        t, node, adapter, unit = c
+        key = (id(c),) if unit.dropout_p > 0 else (arg(node, *t.input_at), adapter)
+        buckets[key].append(c)
+    records = []
+    for bucket in buckets.values():
+        while bucket:
+            group = _movable(bucket, {n: i for i, n in enumerate(graph.nodes)} if len(bucket) > 1 else {})
+            bucket = [c for c in bucket if c not in group]
+            grp = _emit(graph, group, inputs)
+            records += [{"key": t.key, "adapter": adapter, "form": "fused", "group": grp.name,
+                         "dropout": unit.dropout_p > 0} for t, _, adapter, unit in group]
+    return records
+
+
+def _movable(bucket: list, order: dict) -> list:
+    """The bucket's first member plus the siblings that can be moved right after it."""
+    group = [bucket[0]]
+    if len(bucket) == 1:
+        return group
+    start = order[bucket[0][1]]
+    for c in bucket[1:]:
+        if all(order.get(i, -1) < start or i.op == "get_attr" for i in c[1].all_input_nodes):
+            group.append(c)
     return group
 
 
-def emit_group(gm: fx.GraphModule, store: AdapterStore, group: list[Target], adapter: str,
-               store_name: str) -> fx.Node:
-    """Rewrite ``group`` (siblings, in graph order) into one ``lora_linear_group`` node; returns it."""
-    g = gm.graph
-    first = group[0].node
+def _emit(graph: fx.Graph, group: list, inputs) -> fx.Node:
+    first = group[0][1]
     cursor = first
-    for t in group[1:]:  # bring the siblings (and any late weight get_attr) next to the first one
-        for i in t.node.all_input_nodes:
-            if i.op == "get_attr":
+    for _, node, _, _ in group[1:]:  # bring the siblings (and any later weight get_attr) next to the first one
+        for i in node.all_input_nodes:
+            if i.op == "get_attr" and _comes_after(i, first):
                 first.prepend(i)
-        cursor.append(t.node)
-        cursor = t.node
-    units = [store.unit(adapter, t.key) for t in group]
-    paths = [f"{store_name}.{store.unit_path(adapter, t.key)}" for t in group]
-    names = [p.rsplit(".", 1)[-1] for p in paths]
-    base_tag = {"adapter": adapter, "key": group[0].key, "base": first.name, "role": "branch"}
-    with g.inserting_before(cursor.next):
-        x = group[0].input
-        if units[0].dropout_p > 0:
-            x = new_node(g, "call_module", f"{paths[0]}.dropout", (x,), f"{names[0]}_lora_dropout", base_tag)
-        a_nodes = tuple(new_node(g, "get_attr", f"{p}.lora_A", (), f"{n}_lora_A", base_tag)
-                        for p, n in zip(paths, names))
-        b_nodes = tuple(new_node(g, "get_attr", f"{p}.lora_B", (), f"{n}_lora_B", base_tag)
-                        for p, n in zip(paths, names))
-        ys = tuple(t.node for t in group)
-        scalings = tuple(float(u.scaling) for u in units)
-        grp = new_node(g, "call_function", lora_linear_group, (x, ys, a_nodes, b_nodes, scalings),
-                       f"{names[0]}_lora_group" if len(group) > 1 else f"{names[0]}_lora_fused", base_tag)
+        cursor.append(node)
+        cursor = node
+    t0, _, adapter, unit0 = group[0]
+    tag = {"adapter": adapter, "key": t0.key, "role": "branch"}
+    stem = ident(t0.key if adapter == "default" else f"{t0.key}_{adapter}")
+    with graph.inserting_before(cursor.next):
+        x = arg(first, *t0.input_at)
+        if unit0.dropout_p > 0:
+            x = new_node(graph, "call_module", inputs.dropout(adapter, t0), (x,), f"{stem}_lora_dropout", tag)
+        a_nodes = tuple(inputs.tensor(adapter, t, "lora_A") for t, _, _, _ in group)
+        b_nodes = tuple(inputs.tensor(adapter, t, "lora_B") for t, _, _, _ in group)
+        ys = tuple(node for _, node, _, _ in group)
+        scalings = tuple(float(unit.scaling) for _, _, _, unit in group)
+        name = f"{stem}_lora_group" if len(group) > 1 else f"{stem}_lora_fused"
+        grp = new_node(graph, "call_function", lora_linear_group, (x, ys, a_nodes, b_nodes, scalings), name, tag)
         outs = []
-        for i, (t, name) in enumerate(zip(group, names)):
-            tag = {"adapter": adapter, "key": t.key, "base": t.node.name, "role": "out"}
-            outs.append(new_node(g, "call_function", operator.getitem, (grp, i), f"{name}_lora", tag))
-    for t, out in zip(group, outs):
-        t.node.replace_all_uses_with(out, delete_user_cb=lambda user, grp=grp: user is not grp)
+        for i, (t, _, _, _) in enumerate(group):
+            out_tag = {"adapter": adapter, "key": t.key, "role": "out"}
+            s = ident(t.key if adapter == "default" else f"{t.key}_{adapter}")
+            outs.append(new_node(graph, "call_function", operator.getitem, (grp, i), f"{s}_lora", out_tag))
+    for (_, node, _, _), out in zip(group, outs):
+        node.replace_all_uses_with(out, delete_user_cb=lambda user, grp=grp: user is not grp)
     return grp
+
+
+def _comes_after(a: fx.Node, b: fx.Node) -> bool:
+    """Whether ``a`` is later than ``b`` in the graph."""
+    n = b.next
+    while n.op != "root":
+        if n is a:
+            return True
+        n = n.next
+    return False

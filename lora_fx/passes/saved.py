@@ -4,11 +4,12 @@ PEFT's ``modules_to_save`` (a classifier head, say) trains a full copy of a modu
 original stays frozen. Here the copy lives in the adapter store and the pass re-targets the graph's
 ``call_module`` / ``get_attr`` nodes that read the module (or anything below it) to the copy. A ``get_attr``
 also read from outside the module (a tied weight: GPT-2's ``lm_head.weight`` is the embedding's too) keeps
-its other users: those inside the module get a new ``get_attr`` of the copy. ``restore_saved`` undoes it.
+its other users: those inside the module get a new ``get_attr`` of the copy. The pass runs on a fresh copy of
+the captured graph at every rebuild, so nothing is ever undone.
 
 Example::
 
-    swap_saved(gm, {"classifier": "lora.default.saved.classifier"})
+    swap_saved(graph, {"classifier": "lora.default.saved.classifier"})
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ def _inside(user: fx.Node, path: str) -> bool:
     return inner == path or inner.startswith(path + ".")
 
 
-def swap_saved(gm: fx.GraphModule, copies: dict[str, str]) -> int:
+def swap_saved(g: fx.Graph, copies: dict[str, str]) -> int:
     """Re-target uses of module path ``p`` (or below it) to ``copies[p]``; returns how many nodes changed."""
-    g, n = gm.graph, 0
+    n = 0
     for node in list(g.nodes):
         if node.op not in ("call_module", "get_attr") or TAG in node.meta:
             continue
@@ -49,27 +50,4 @@ def swap_saved(gm: fx.GraphModule, copies: dict[str, str]) -> int:
             node.meta[TAG] = {"role": "saved", "target": node.target}
             node.target = new_target
         n += 1
-    if n:
-        gm.recompile()
-    return n
-
-
-def restore_saved(gm: fx.GraphModule) -> int:
-    """Undo ``swap_saved``."""
-    g, n = gm.graph, 0
-    by_name = {node.name: node for node in g.nodes}
-    for node in list(g.nodes):
-        tag = node.meta.get(TAG)
-        if not tag:
-            continue
-        if tag.get("role") == "saved":
-            node.target = tag["target"]
-            del node.meta[TAG]
-            n += 1
-        elif tag.get("role") == "saved_copy":
-            node.replace_all_uses_with(by_name[tag["of"]])
-            g.erase_node(node)
-            n += 1
-    if n:
-        gm.recompile()
     return n

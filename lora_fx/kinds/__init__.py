@@ -1,0 +1,17 @@
+"""Target kinds: one strategy object per kind (``LINEAR``, ``EMBEDDING``, ``CONV``) and its typed geometry.
+
+Example::
+
+    from lora_fx.kinds import KINDS
+    KINDS["conv"].shapes(geometry, r=4)
+"""
+
+from .base import BiasRef, Kind
+from .conv import CONV, ConvGeometry
+from .embedding import EMBEDDING, EmbeddingGeometry
+from .linear import LINEAR, LinearGeometry
+
+KINDS: dict[str, Kind] = {k.name: k for k in (LINEAR, EMBEDDING, CONV)}
+
+__all__ = ["KINDS", "Kind", "BiasRef", "LINEAR", "EMBEDDING", "CONV", "LinearGeometry", "EmbeddingGeometry",
+           "ConvGeometry"]

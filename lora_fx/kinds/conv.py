@@ -1,0 +1,86 @@
+"""Convolution targets: ``y = conv(x, W)`` with W ``[out, in, *k]``, any stride, padding, dilation and padding
+mode (groups must be 1).
+
+LoRA branch (PEFT's layout): A a conv ``[r, in, *k]`` with the base stride, padding **and dilation**, B a 1x1
+conv ``[out, r, 1..]``; a non-zero padding mode pads the input first, as the base module does::
+
+    delta = s · conv_B(conv_A(pad(x)))          ΔW = s · (B[:, :, 1..] @ A.flatten(1)).view(out, in, *k)
+
+Example::
+
+    CONV.shapes(ConvGeometry(2, 8, 4, (3, 3), 1, 1, 1), r=2)   # (2, 8, 3, 3), (4, 2, 1, 1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn.functional as F
+
+from .. import ops
+from .base import BiasRef, Kind
+
+CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    dims: int
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, ...]
+    stride: Any
+    padding: Any
+    dilation: Any
+    pad: tuple[int, ...] | None = None  # explicit input padding for a non-zero padding mode
+    pad_mode: str | None = None
+    bias: BiasRef | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.out_channels
+
+
+class ConvKind(Kind):
+    name = "conv"
+
+    def shapes(self, geometry: ConvGeometry, r: int):
+        return (r, geometry.in_channels, *geometry.kernel), (geometry.out_channels, r, *([1] * geometry.dims))
+
+    def delta(self, unit, dtype):
+        a, b = unit.lora_A.detach().to(dtype), unit.lora_B.detach().to(dtype)
+        g = unit.geometry
+        return (b.flatten(1) @ a.flatten(1)).view(g.out_channels, g.in_channels, *g.kernel) * unit.scaling
+
+    def dora_norm(self, unit, weight):
+        w = weight + self.delta(unit, weight.dtype)
+        return w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(1, 0).detach()
+
+    def dora_factor(self, unit, weight):
+        factor = unit.lora_magnitude_vector.detach().to(weight.dtype) / self.dora_norm(unit, weight)
+        return factor.transpose(1, 0)
+
+    def padded(self, geometry: ConvGeometry, x, new):
+        if geometry.pad_mode is None:
+            return x
+        return new("call_function", F.pad, (x, geometry.pad), "lora_pad", {"mode": geometry.pad_mode})
+
+    def emit(self, g, geometry, x, a, b, b_bias, name, new):
+        conv = CONV_FNS[geometry.dims]
+        x = self.padded(geometry, x, new)
+        h = new("call_function", conv, (x, a, None, geometry.stride, geometry.padding, geometry.dilation), "lora_a")
+        return new("call_function", conv, (h, b, b_bias), "lora_b")
+
+    def emit_dora(self, g, geometry, x, y, w, bias, params, scaling, dropout, new):
+        x = self.padded(geometry, x, new)
+        args = (x, y, w, bias, params["lora_A"], params["lora_B"], params["lora_magnitude_vector"], scaling,
+                geometry.stride, geometry.padding, geometry.dilation, dropout)
+        return new("call_function", ops.dora_conv, args, "dora")
+
+
+CONV = ConvKind()

@@ -1,0 +1,81 @@
+"""Embedding targets: ``y = W[idx]`` with W ``[num_embeddings, dim]``.
+
+LoRA branch (PEFT's layout, A ``[r, num]`` initialised to zeros, B ``[dim, r]`` normal; no dropout and no
+cast on indices)::
+
+    delta = s · F.embedding(idx, Aᵀ, padding_idx) @ Bᵀ          ΔW = s · (B A)ᵀ
+
+Example::
+
+    EMBEDDING.shapes(EmbeddingGeometry(40, 16, padding_idx=0), r=4)   # (4, 40), (16, 4)
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .base import Kind
+
+
+@dataclass(frozen=True)
+class EmbeddingGeometry:
+    num_embeddings: int
+    embedding_dim: int
+    padding_idx: int | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.num_embeddings
+
+    @property
+    def out_features(self) -> int:
+        return self.embedding_dim
+
+
+class EmbeddingKind(Kind):
+    name = "embedding"
+    peft_a = "lora_embedding_A"
+    peft_b = "lora_embedding_B"
+    reads_activation = False
+    supports_lora_bias = False
+
+    def shapes(self, geometry: EmbeddingGeometry, r: int):
+        return (r, geometry.num_embeddings), (geometry.embedding_dim, r)
+
+    @torch.no_grad()
+    def reset(self, unit, init):
+        """PEFT's embedding init: A zeros, B N(0, 1) (``init=False``: both normal)."""
+        if init is False:
+            unit.lora_A.normal_()
+        else:
+            unit.lora_A.zero_()
+        unit.lora_B.normal_()
+
+    def delta(self, unit, dtype):
+        return (unit.lora_B.detach().to(dtype) @ unit.lora_A.detach().to(dtype)).T * unit.scaling
+
+    def oriented(self, weight, geometry):
+        return weight.T
+
+    def dora_factor(self, unit, weight):
+        factor = unit.lora_magnitude_vector.detach().to(weight.dtype) / self.dora_norm(unit, weight)
+        return factor.view(1, -1)
+
+    def emit(self, g, geometry, idx, a, b, b_bias, name, new):
+        a_t = new("call_method", "t", (a,), "lora_A_t")
+        b_t = new("call_method", "t", (b,), "lora_B_t")
+        h = new("call_function", F.embedding, (idx, a_t), "lora_a", {"padding_idx": geometry.padding_idx})
+        return new("call_function", operator.matmul, (h, b_t), "lora_b")
+
+    def emit_dora(self, g, geometry, x, y, w, bias, params, scaling, dropout, new):
+        args = (x, y, w, params["lora_A"], params["lora_B"], params["lora_magnitude_vector"], scaling,
+                geometry.padding_idx)
+        return new("call_function", ops.dora_embedding, args, "dora")
+
+
+EMBEDDING = EmbeddingKind()

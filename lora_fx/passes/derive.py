@@ -1,0 +1,150 @@
+"""Derive the runnable graphs from the pristine captured ones and the adapter state: the only way graphs change.
+
+``derive`` copies the pristine outer graph and, once per rewrite group, a block template; runs the pure passes
+on the copies (untie merged shared weights, insert plain branches, fuse siblings, swap saved modules, wire the
+block calls' adapter inputs) and installs them. Blocks whose adapters are alike (same adapters, kinds of branch
+and scalings on the same template targets) share one rewritten program, so the work is one template rewrite
+per group plus time linear in the number of targets. Nothing is ever undone: the next rebuild starts again
+from the pristine graphs.
+
+Example::
+
+    records = derive(cap, Rewrite(store, "lora", live=["default"], fuse=True, saved={}, untied={}))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from torch import fx, nn
+
+from ..blocks import Program
+from ..targets import Target
+from .branches import insert_plain
+from .common import BlockInputs, StoreInputs, copy_graph
+from .fuse import fusable, fuse_linear
+from .saved import swap_saved
+
+if TYPE_CHECKING:
+    from ..capture import Captured
+
+
+@dataclass
+class Rewrite:
+    """The state graphs are derived from, besides the captured graphs."""
+
+    store: nn.Module  # the AdapterStore
+    store_name: str  # its attribute name on the graph module
+    live: list[str]  # adapters whose branches the graphs compute, in order
+    fuse: bool = True
+    saved: dict[str, str] = field(default_factory=dict)  # module path -> path of the copy read instead
+    untied: dict[str, str] = field(default_factory=dict)  # key -> path of its merged weight's own copy
+
+
+def derive(cap: Captured, rw: Rewrite) -> list[dict]:
+    """Rebuild every graph from the pristine ones; returns one record per (key, adapter) branch."""
+    units = {a: rw.store.units(a) for a in rw.live}
+
+    def branches_for(key: str) -> list:
+        return [(a, units[a][key]) for a in rw.live if key in units[a]]
+
+    records: list[dict] = []
+    assignments = _derive_blocks(cap, rw, branches_for, records)
+    g = copy_graph(cap.graph)
+    inputs = StoreInputs(g, rw.store_name, rw.store, rw.untied)
+    outer = [t for t in cap.targets if isinstance(t, Target) and not t.block]
+    records += rewrite_graph(g, outer, lambda t: branches_for(t.key), inputs, cap.graph_module, rw.fuse)
+    swap_saved(g, rw.saved)
+    _wire_block_calls(g, rw, {path: inputs.order for path, (_, inputs, _) in assignments.items()})
+    g.lint()
+    for path, (program, _, dropouts) in assignments.items():  # nothing is installed until everything is built
+        block = cap.blocks[path]
+        block.set_program(program)
+        block.lora_dropout = dropouts
+    cap.graph_module.graph = g  # recompiles
+    return records
+
+
+def rewrite_graph(graph: fx.Graph, targets: list[Target], branches_for: Callable, inputs, root: nn.Module,
+                  fuse: bool) -> list[dict]:
+    """Untie, insert and fuse the branches of ``targets`` in ``graph`` (a fresh copy); ``root`` resolves weights."""
+    nodes = {n.name: n for n in graph.nodes}
+    fused, records = [], []
+    for t in targets:
+        node = nodes[t.node]
+        _untie(graph, t, node, inputs)
+        branches = branches_for(t)
+        if not branches:
+            continue
+        base_dtype = root.get_parameter(t.weight).dtype
+        if fuse and len(branches) == 1 and fusable(t, branches[0][1], base_dtype):
+            fused.append((t, node, *branches[0]))
+            continue
+        insert_plain(graph, t, node, branches, inputs, base_dtype)
+        records += [{"key": t.key, "adapter": a, "form": "plain", "group": None, "dropout": u.dropout_p > 0}
+                    for a, u in branches]
+    return records + fuse_linear(graph, fused, inputs)
+
+
+def _untie(graph: fx.Graph, t: Target, node: fx.Node, inputs) -> None:
+    """A merged key whose weight has other uses reads its own merged copy (call_module forms swap the module's
+    weight instead: see ``merge``)."""
+    if node.op == "call_module":
+        return
+    with graph.inserting_before(node):
+        copy_node = inputs.weight(t)
+    if copy_node is None:
+        return
+    old = next(a for a in (*node.args, *node.kwargs.values())
+               if isinstance(a, fx.Node) and a.op == "get_attr" and a.target == t.weight)
+    node.replace_input_with(old, copy_node)
+    if not old.users:
+        graph.erase_node(old)
+
+
+def _derive_blocks(cap: Captured, rw: Rewrite, branches_for: Callable, records: list[dict]) -> dict[str, tuple]:
+    """Every block's (program, its inputs, its dropout modules), one program per rewrite group."""
+    programs: dict[tuple, tuple[Program, BlockInputs, list[dict]]] = {}
+    assignments: dict[str, tuple] = {}
+    for path, block in cap.blocks.items():
+        t = cap.template_of(path)
+        targets = [x for x in t.targets if isinstance(x, Target)]
+        full = {x.key: f"{path}.{x.key}" for x in targets}
+        signature = (t.id, tuple(
+            (tuple(_branch_signature(a, u, block, x) for a, u in branches_for(full[x.key])), full[x.key] in rw.untied)
+            for x in targets))
+        if signature not in programs:
+            g = copy_graph(t.graph)
+            inputs = BlockInputs(g, {x.key for x in targets if full[x.key] in rw.untied})
+            recs = rewrite_graph(g, targets, lambda x, full=full: branches_for(full[x.key]), inputs, block, rw.fuse)
+            g.lint()
+            programs[signature] = (Program(g, f"block {t.id}"), inputs, recs)
+        program, inputs, recs = programs[signature]
+        dropouts = nn.ModuleDict({name: rw.store.unit(a, f"{path}.{rel}").dropout for a, rel, name in inputs.dropouts})
+        assignments[path] = (program, inputs, dropouts)
+        records += [{**r, "key": f"{path}.{r['key']}", "group": r["group"] and f"{path}/{r['group']}"} for r in recs]
+    return assignments
+
+
+def _branch_signature(adapter: str, unit, block: nn.Module, t: Target) -> tuple:
+    """What a branch's nodes depend on: two blocks whose branches agree on all of this share one program."""
+    return (adapter, unit.use_dora, unit.lora_bias, unit.dropout_p > 0, unit.lora_A.dtype, float(unit.scaling),
+            block.get_parameter(t.weight).dtype)
+
+
+def _wire_block_calls(graph: fx.Graph, rw: Rewrite, inputs_of: dict[str, list]) -> None:
+    """Pass each block the adapter tensors its program reads (``get_attr`` on the store, or merged copies)."""
+    for node in list(graph.nodes):
+        order = inputs_of.get(node.target) if node.op == "call_module" else None
+        if not order:
+            continue
+        extra = []
+        with graph.inserting_before(node):
+            for adapter, rel, attr in order:
+                key = f"{node.target}.{rel}"
+                path = (rw.untied[key] if adapter is None
+                        else f"{rw.store_name}.{rw.store.unit_path(adapter, key)}.{attr}")
+                extra.append(graph.get_attr(path))
+        node.args = (*node.args, *extra)

@@ -22,7 +22,7 @@ from lora_fx import Rule
 
 def build(base, ids0, compile_: bool) -> dict:
     peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS)).eval()
-    unmerged = lora_fx.lorafy(copy.deepcopy(base), Rule(PROJECTIONS, r=16, alpha=32), example_inputs=(ids0,))
+    unmerged = lora_fx.lorafy(copy.deepcopy(base), Rule(PROJECTIONS, r=16, alpha=32), example_inputs=(ids0,)).eval()
     with torch.no_grad():
         for key, unit in unmerged.adapters.units("default").items():
             torch.nn.init.normal_(unit.lora_B, std=0.02)

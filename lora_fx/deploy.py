@@ -1,13 +1,14 @@
 """Deployment: compile a (merged) module with good defaults, or export it as a ``.pt2`` program.
 
-``compile``: regional compilation when the module has repeated blocks (a LoraModel, or the graph module
-``merge_and_unload`` returns): each group of identical blocks compiles its program once and every block of the
-group reuses it, so compile time stops growing with depth; the module is compiled in place and returned. A
-module without blocks goes through ``torch.compile`` whole. Defaults: ``mode="max-autotune"`` when the
-parameters are on CUDA (Triton GEMM autotuning, plus CUDA graphs for a whole-module compile: best
-steady-state latency, slower first compile) and the default mode on CPU (autotuning buys little there and
-costs compile time). ``dynamic=None`` lets shapes that vary (batch, sequence) become dynamic after the first
-recompile. Any keyword overrides these; ``regional=False`` compiles a module with blocks whole.
+``compile``: for training, regional compilation: each group of identical blocks compiles its program once and
+every block of the group reuses it, so compile time stops growing with depth; the module is compiled in place
+and returned. This is the default for a module with blocks, in training mode, with trainable parameters (a
+LoraModel after ``lm.train()``). Otherwise (inference, a merged graph, a module without blocks) the module goes
+through ``torch.compile`` whole, which runs small batches faster (no Python between blocks). Defaults:
+``mode="max-autotune"`` when the parameters are on CUDA (Triton GEMM autotuning, plus CUDA graphs for a
+whole-module compile: best steady-state latency, slower first compile) and the default mode on CPU (autotuning
+buys little there and costs compile time). ``dynamic=None`` lets shapes that vary (batch, sequence) become
+dynamic after the first recompile. Any keyword overrides these; ``regional=True`` / ``False`` chooses.
 
 ``export``: ``torch.export.export(strict=False)`` with ``Dim.AUTO`` on every tensor dimension, saved with
 ``torch.export.save`` through a temporary file. ``torch.export.load(path).module()`` runs it with no lora_fx.
@@ -33,10 +34,12 @@ from .capture import export_program
 from .checkpoint import atomic_write
 
 
-def compile(module: nn.Module, *, regional: bool = True, **torch_compile_kwargs: Any) -> nn.Module:  # noqa: A001
+def compile(module: nn.Module, *, regional: bool | None = None, **torch_compile_kwargs: Any) -> nn.Module:  # noqa: A001
     """``torch.compile`` with lora_fx's defaults (see the module docstring); kwargs override them."""
     on_cuda = any(p.is_cuda for p in module.parameters())
     blocks = [m for m in module.modules() if isinstance(m, Block)]
+    if regional is None:
+        regional = module.training and any(p.requires_grad for p in module.parameters())
     options: dict[str, Any] = {"dynamic": None}
     if on_cuda:  # CUDA graphs pay off for a whole graph; blocks share a program but not their weights
         options["mode"] = "max-autotune-no-cudagraphs" if blocks and regional else "max-autotune"

@@ -38,14 +38,15 @@ class _LoraLinearGroup(torch.autograd.Function):
                 outs.append(y)
                 dirty.append(y)
         ctx.mark_dirty(*dirty)
-        ctx.save_for_backward(x2, h, a_cat, *b_list)
+        ctx.save_for_backward(x2, h, *a_list, *b_list)  # the A's themselves: no saved concatenation
         ctx.scalings, ctx.ranks, ctx.x_shape = scalings, ranks, x.shape
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x2, h, a_cat, *b_list = ctx.saved_tensors
-        n = len(b_list)
+        x2, h, *ab = ctx.saved_tensors
+        n = len(ab) // 2
+        a_list, b_list = ab[:n], ab[n:]
         needs = ctx.needs_input_grad
         dh_list, db_list = [], []
         for g, h_i, b, s in zip(grads, h.split(ctx.ranks, dim=1), b_list, ctx.scalings):
@@ -53,7 +54,7 @@ class _LoraLinearGroup(torch.autograd.Function):
             db_list.append((g2.t() @ h_i).mul_(s))
             dh_list.append((g2 @ b).mul_(s))
         dh = torch.cat(dh_list, dim=1) if n > 1 else dh_list[0]
-        dx = (dh @ a_cat).view(ctx.x_shape) if needs[0] else None
+        dx = (dh @ (torch.cat(a_list) if n > 1 else a_list[0])).view(ctx.x_shape) if needs[0] else None
         da = (dh.t() @ x2).split(ctx.ranks) if any(needs[3 + n:3 + 2 * n]) else (None,) * n
         return (dx, None, None, *grads, *da, *db_list)
 

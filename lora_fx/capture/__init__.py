@@ -21,6 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from ..blocks import Block, Template
@@ -28,6 +30,7 @@ from ..errors import CaptureError
 from ..passes.common import copy_graph
 from ..targets import Target, Unsupported, arg, find_targets, weight_uses
 from .exporting import export_program, share_parameters, warn_training_mode
+from .masks import elide_masks
 from .templated import TemplateMismatch, capture_templated
 from .traced import trace_with_blocks
 
@@ -79,12 +82,14 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[s
     if isinstance(model, fx.GraphModule) and not example_inputs and not kwargs:
         return _finish(model, model, "graph_module", _mode_fixed(model), {}, {})
     if example_inputs or kwargs:
+        example_inputs, kwargs = distinct_inputs(example_inputs, kwargs)
         warn_training_mode(model)
         try:
             gm, templates, blocks = capture_templated(model, example_inputs, kwargs)
         except TemplateMismatch:
             gm, templates, blocks = export_program(model, example_inputs, kwargs).module(), {}, {}
         share_parameters(gm, model)
+        elide_masks(gm, templates, blocks)
         return _finish(gm, model, "export", True, templates, blocks)
     try:
         gm, templates, blocks = trace_with_blocks(model)
@@ -95,6 +100,24 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[s
             "with torch.export instead."
         ) from e
     return _finish(gm, model, "symbolic_trace", False, templates, blocks)
+
+
+def distinct_inputs(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Example inputs as the graph should see them: a tensor that is a view, or shares memory with an earlier
+    input (``labels=input_ids``), is copied, so the capture neither guards on a view's base nor merges two
+    inputs into one graph input."""
+    seen: set[int] = set()
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if t._is_view() or (ptr is not None and ptr in seen):
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None:
+            seen.add(ptr)
+        return t
+
+    return pytree.tree_map_only(torch.Tensor, own, (tuple(args), dict(kwargs)))
 
 
 def _finish(gm, source, method, mode_fixed, templates, blocks) -> Captured:

@@ -2,13 +2,14 @@
 
 from .api import from_peft, lorafy
 from .deploy import compile, export
+from .distributed import fully_shard
 from .errors import AdapterError, CaptureError, CheckpointError, LoraFxError, MergeError, RuleError
 from .model import LoraModel
 from .report import RewriteReport
 from .rules import Rule, RuleSet
 
 __all__ = [
-    "lorafy", "from_peft", "compile", "export", "Rule", "RuleSet", "LoraModel", "RewriteReport",
+    "lorafy", "from_peft", "compile", "export", "fully_shard", "Rule", "RuleSet", "LoraModel", "RewriteReport",
     "LoraFxError", "RuleError", "CaptureError", "AdapterError", "CheckpointError", "MergeError",
 ]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from .capture import capture
 from .model import LoraModel
+from .peft_compat import peft_compatible
 from .rules import RuleLike, as_ruleset
 from .store import check_adapter_name
 
@@ -43,7 +45,7 @@ def lorafy(
     """
     ruleset = as_ruleset(rules)
     check_adapter_name(adapter_name)
-    lm = LoraModel(capture(model, example_inputs, example_kwargs), fuse=fuse)
+    lm = _model_class()(capture(model, example_inputs, example_kwargs), fuse=fuse)
     with _discard_on_error(lm):
         lm.add_adapter(adapter_name, ruleset, autocast_adapter_dtype=autocast_adapter_dtype)
     return lm
@@ -66,10 +68,16 @@ def from_peft(
                                example_inputs=(input_ids,))
     """
     check_adapter_name(adapter_name)
-    lm = LoraModel(capture(model, example_inputs, example_kwargs))
+    lm = _model_class()(capture(model, example_inputs, example_kwargs))
     with _discard_on_error(lm):
         lm.load_adapter(path, adapter_name, allow_pickle=allow_pickle)
     return lm
+
+
+@functools.cache
+def _model_class() -> type[LoraModel]:
+    """LoraModel, also a peft.PeftModel when PEFT is installed (see ``peft_compat``)."""
+    return peft_compatible(LoraModel)
 
 
 @contextlib.contextmanager

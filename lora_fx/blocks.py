@@ -60,29 +60,36 @@ class Program:
 
 class Block(nn.Module):
     """One repeated block of a captured model. Call it with the block call's inputs (then the adapter tensors
-    its program reads); ``checkpointing`` recomputes it in backward (non-reentrant ``torch.utils.checkpoint``)."""
+    its program reads); ``checkpointing`` recomputes it in backward (non-reentrant ``torch.utils.checkpoint``).
+
+    A block holds one program per captured call signature of the model (``program=""``: the graph captured by
+    ``lorafy``; others when the model is called with other keyword arguments), all over the same parameters."""
 
     def __init__(self, path: str, template: str) -> None:
         super().__init__()
         self.block_path, self.template = path, template
-        self.program: Program | None = None
+        self.programs: dict[str, Program] = {}
         self.checkpointing = False
         self.compile_options: dict[str, Any] | None = None
-        self._run: Callable[..., Any] | None = None
+        self._runs: dict[str, Callable[..., Any]] = {}
 
-    def set_program(self, program: Program) -> None:
-        self.program = program
-        self._run = program.runner(self.compile_options)
+    @property
+    def program(self) -> Program | None:
+        return self.programs.get("")
+
+    def set_program(self, program: Program, key: str = "") -> None:
+        self.programs[key] = program
+        self._runs[key] = program.runner(self.compile_options)
 
     def set_compile(self, options: dict[str, Any] | None) -> None:
         self.compile_options = options
-        if self.program is not None:
-            self._run = self.program.runner(options)
+        self._runs = {key: p.runner(options) for key, p in self.programs.items()}
 
-    def forward(self, *inputs: Any) -> Any:
+    def forward(self, *inputs: Any, program: str = "") -> Any:
+        run = self._runs[program]
         if self.checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._run, self, *inputs, use_reentrant=False)
-        return self._run(self, *inputs)
+            return checkpoint(run, self, *inputs, use_reentrant=False)
+        return run(self, *inputs)
 
     @property
     def code(self) -> str:
@@ -109,7 +116,7 @@ class Template:
 
 
 def code_of(module: nn.Module) -> str:
-    """A graph module's code, then the code of each distinct program its blocks run."""
+    """A graph module's code, then the code of each distinct program its blocks run for it."""
     parts, seen = [module.code], set()
     for path, block in module.named_modules():
         if isinstance(block, Block) and block.program is not None and id(block.program) not in seen:
@@ -118,13 +125,42 @@ def code_of(module: nn.Module) -> str:
     return "\n".join(parts)
 
 
-def bind_block(block: Block, member: nn.Module, template: Template) -> None:
+def adopt_blocks(gm: fx.GraphModule, graph: fx.Graph, blocks: dict[str, Block], templates: dict[str, Template],
+                 owners: dict[str, Block], key: str, model: nn.Module, prefix: str = "") -> dict[str, Block]:
+    """Make a later capture of the same model call the first capture's Block objects (``owners``), which then run
+    its templates as programs ``key``: one set of blocks, so checkpointing, FSDP2 sharding and regional compilation
+    set up on them cover every captured call signature. ``prefix``: where ``model`` (what was captured) sits in the
+    first capture's model. Returns the blocks ``gm`` now calls."""
+    adopted = {}
+    for path, block in blocks.items():
+        owner = owners.get(prefix + path)
+        if owner is None:
+            adopted[path] = block
+            continue
+        t = templates[block.template]
+        bind_block(owner, model.get_submodule(path), t, keep=True)
+        owner.set_program(block.programs[""], key)
+        set_submodule(gm, path, owner)
+        adopted[path] = owner
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in adopted and adopted[node.target] is owners.get(
+                prefix + node.target):
+            node.kwargs = {**node.kwargs, "program": key}
+    return adopted
+
+
+def bind_block(block: Block, member: nn.Module, template: Template, keep: bool = False) -> None:
     """Give ``block`` the attributes its template graph reads: the member's own parameters, buffers and
-    submodules where the member has them, else the template module's (lifted constants, guard functions)."""
+    submodules where the member has them, else the template module's (lifted constants, guard functions).
+    ``keep``: attributes the block already has stay (they must be the same objects)."""
     for node in template.graph.nodes:
         if node.op not in ("get_attr", "call_module"):
             continue
         source = member if _has_attr(member, node.target) else template.module
+        if keep and _has_attr(block, node.target):
+            if _resolve(block, node.target) is not _resolve(source, node.target):
+                raise ValueError(f"{block.block_path}.{node.target} differs between captures of the block")
+            continue
         _copy_attr(source, block, node.target)
 
 
@@ -141,11 +177,16 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def _has_attr(module: nn.Module, path: str) -> bool:
     try:
-        for name in path.split("."):
-            module = getattr(module, name)
+        _resolve(module, path)
     except AttributeError:
         return False
     return True
+
+
+def _resolve(module: Any, path: str) -> Any:
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
 
 
 def _copy_attr(source: nn.Module, target: nn.Module, path: str) -> None:

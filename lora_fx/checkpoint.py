@@ -84,12 +84,15 @@ def _init_for_peft(units: list[LoraUnit]) -> bool | str:
     return inits.pop() if inits else True
 
 
-def save_adapter(directory: Path, units: list[LoraUnit], config: dict[str, Any],
-                 extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Write one adapter's tensors (plus ``extra`` ones, e.g. trainable biases, by PEFT name) and config into
-    ``directory`` (created if needed), atomically per file."""
-    tensors = {name: p.detach().to("cpu").contiguous() for unit in units for name, p in unit_tensors(unit).items()}
-    tensors.update({name: p.detach().to("cpu").contiguous() for name, p in (extra or {}).items()})
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor, FSDP2) tensor gathered whole; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write one adapter's tensors (by PEFT name) and config into ``directory`` (created if needed), atomically
+    per file."""
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME,

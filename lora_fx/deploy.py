@@ -44,6 +44,8 @@ def compile(module: nn.Module, *, regional: bool | None = None, **torch_compile_
     if on_cuda:  # CUDA graphs pay off for a whole graph; blocks share a program but not their weights
         options["mode"] = "max-autotune-no-cudagraphs" if blocks and regional else "max-autotune"
     options.update(torch_compile_kwargs)
+    if hasattr(module, "_compile_options"):  # a LoraModel: its generate() compiles the decode step likewise
+        module._compile_options = {k: v for k, v in options.items() if k != "dynamic"}
     if blocks and regional:
         for block in blocks:
             block.set_compile(options)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,19 +26,21 @@ from .errors import AdapterError, MergeError
 from .init_schemes import is_weight_init, svd_init
 from .matching import match_targets
 from .merge import HOLDER, MergeState, fold, unfold
+from .model_calls import CallsMixin
 from .model_io import CheckpointMixin
 from .model_report import ReportMixin
 from .passes import Rewrite, derive
+from .peft_compat import PeftCompatMixin
 from .rules import RuleLike, as_ruleset, resolve_for_model
 from .store import AdapterEntry, AdapterStore, LoraUnit, adapter_dtype, check_adapter_name
 from .targets import Target
 
 
-class LoraModel(CheckpointMixin, ReportMixin, nn.Module):
+class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Module):
     """A captured model with LoRA branches as graph rewrites. Call it as you would call the model."""
 
     def __init__(self, captured: Captured, *, fuse: bool = True) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): with PEFT installed a PeftModel is in the MRO (see peft_compat)
         self.fuse = fuse  # run eligible linear branches through the sibling-fusion pass
         self.graph_module = captured.graph_module
         self._captured = captured
@@ -46,11 +49,22 @@ class LoraModel(CheckpointMixin, ReportMixin, nn.Module):
         self.graph_module.add_module(self._store_name, AdapterStore())
         self._merge: MergeState | None = None
         self._records: list[dict] = []
+        self._version = 0  # bumped by every rebuild: derived generation graphs follow lazily
+        self._generation: dict = {}  # (batch, cache length) -> generation.GenerationGraphs
+        self._compile_options: dict | None = None  # set by lora_fx.compile; generation compiles its decode step
+        self._init_calls()
         self._ready = True
 
-    # ---- calling -------------------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        return self.graph_module(*args, **kwargs)
+    # ---- calling (forward, generate, checkpointing: model_calls) --------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        """Parameters, buffers and submodules; then, as PEFT does, the wrapped model's attributes (``config``)."""
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            captured = self.__dict__.get("_captured")
+            if captured is None or name.startswith("_"):
+                raise
+            return getattr(captured.source, name)
 
     @property
     def adapters(self) -> AdapterStore:
@@ -91,6 +105,7 @@ class LoraModel(CheckpointMixin, ReportMixin, nn.Module):
     def _apply(self, fn, recurse: bool = True):
         out = super()._apply(fn, recurse)
         if getattr(self, "_ready", False) and hasattr(self.graph_module, self._store_name):
+            self._generation.clear()  # their KV caches have the old dtype and device
             self.refresh()  # dtype casts in the graph follow the new dtypes
         return out
 
@@ -188,6 +203,11 @@ class LoraModel(CheckpointMixin, ReportMixin, nn.Module):
 
     def refresh(self) -> None:
         """Rebuild the graphs from the pristine captured ones and the adapter state."""
+        self._records = derive(self._captured, self._rewrite())
+        self._version += 1
+
+    def _rewrite(self) -> Rewrite:
+        """The adapter state the graphs are derived from."""
         merged = self._merge.adapters if self._merge is not None else []
         live = [a for a in self.active_adapters if a not in merged]
         copies: dict[str, str] = {}
@@ -195,8 +215,7 @@ class LoraModel(CheckpointMixin, ReportMixin, nn.Module):
             for path, (copy_path, _) in self.adapters.saved(name).items():
                 copies.setdefault(path, f"{self._store_name}.{copy_path}")
         untied = self._merge.untied if self._merge is not None else {}
-        self._records = derive(self._captured, Rewrite(self.adapters, self._store_name, live, self.fuse, copies,
-                                                       untied))
+        return Rewrite(self.adapters, self._store_name, live, self.fuse, copies, untied)
 
     def _freeze(self) -> None:
         store = self.adapters
@@ -204,13 +223,14 @@ class LoraModel(CheckpointMixin, ReportMixin, nn.Module):
         for p in self.graph_module.parameters():
             if id(p) not in adapter_params:
                 p.requires_grad_(False)
+        trains = {name for name in store.active if store.entry(name).trainable}
         for name, unit in store.iter_units():
             for p in unit.parameters():
-                p.requires_grad_(name in store.active)
+                p.requires_grad_(name in trains)
         for name in store.names:
             for _, module in store.saved(name).values():
-                module.requires_grad_(name in store.active)
-        for name in store.active:
+                module.requires_grad_(name in trains)
+        for name in trains:
             for p in self.bias_parameters(name).values():
                 p.requires_grad_(True)
 
@@ -283,6 +303,8 @@ class LoraModel(CheckpointMixin, ReportMixin, nn.Module):
         if not untied and hasattr(gm, HOLDER):
             delattr(gm, HOLDER)
         self._merge = None
+        self._programs.clear()  # other call signatures' graphs read the store: they go with it
+        self._generation.clear()
         return gm
 
     def _discard(self) -> None:
@@ -291,24 +313,6 @@ class LoraModel(CheckpointMixin, ReportMixin, nn.Module):
         self._unload()
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
-
-    # ---- training --------------------------------------------------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each block in backward instead of keeping its activations (non-reentrant
-        ``torch.utils.checkpoint``; dropout masks are replayed, so gradients equal those without)."""
-        if not self._captured.blocks:
-            raise AdapterError(f"{type(self._captured.source).__name__} was captured as one graph (it has no repeated "
-                               "blocks lora_fx could keep), so there is no block to checkpoint.")
-        for block in self._captured.blocks.values():
-            block.checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        for block in self._captured.blocks.values():
-            block.checkpointing = False
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return any(b.checkpointing for b in self._captured.blocks.values())
 
     def unit(self, key: str, adapter_name: str | None = None) -> LoraUnit:
         """The LoraUnit of ``key`` in ``adapter_name`` (default: the first active adapter)."""

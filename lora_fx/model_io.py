@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -20,11 +21,13 @@ from .checkpoint import (
     WEIGHTS_NAME,
     adapter_dir,
     check_and_copy,
+    full_tensor,
     peft_config_dict,
     read_config,
     read_tensors,
     save_adapter,
     strip_adapter_name,
+    unit_tensors,
 )
 from .peft_config import ruleset_from_peft_config
 
@@ -58,26 +61,53 @@ class CheckpointMixin:
                 out[f"{PREFIX}{path}"] = p
         return out
 
-    def save_pretrained(self, path: str | os.PathLike, adapter_name: str | Iterable[str] | None = None) -> None:
-        """Write adapters in PEFT's format (``default`` in ``path``, others in ``path/<name>``)."""
-        names = self.adapters.names if adapter_name is None else (
-            [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
-        base = getattr(getattr(self._captured.source, "config", None), "_name_or_path", None) or None
+    def save_pretrained(self, path: str | os.PathLike, adapter_name: str | Iterable[str] | None = None, *,
+                        selected_adapters: Iterable[str] | None = None, state_dict: dict | None = None,
+                        is_main_process: bool = True, **_: Any) -> None:
+        """Write adapters in PEFT's format (``default`` in ``path``, others in ``path/<name>``); all of them, or
+        ``adapter_name`` / ``selected_adapters``. Sharded (FSDP2) adapters are gathered first, on every rank;
+        only ``is_main_process`` writes. ``state_dict`` (this model's, as ``Trainer`` passes it) supplies the
+        values when given."""
+        chosen = adapter_name if adapter_name is not None else selected_adapters
+        names = self.adapters.names if chosen is None else ([chosen] if isinstance(chosen, str) else list(chosen))
+        native = {id(t): n for n, t in (*self.named_parameters(), *self.named_buffers())} if state_dict else {}
         for name in names:
-            units = list(self.adapters.units(name).values())
-            keys = {u.key for u in units}
-            fan_in_fan_out = any(getattr(t.geometry, "transposed", False) for t in self.targets if t.key in keys)
-            config = peft_config_dict(units, fan_in_fan_out, base, self.adapters.entry(name).bias)
-            config["modules_to_save"] = sorted(self.adapters.saved(name)) or None
-            save_adapter(adapter_dir(path, name), units, config, self._extra_tensors(name))
+            tensors = {peft_name: full_tensor(state_dict.get(native.get(id(p)), p) if state_dict else p)
+                       for peft_name, p in self._adapter_tensors(name).items()}
+            if is_main_process:
+                save_adapter(adapter_dir(path, name), tensors, self._peft_config(name))
 
-    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", *,
-                     allow_pickle: bool = False) -> None:
-        """Read a PEFT adapter directory into a new adapter ``adapter_name``. On any error (missing file,
-        wrong keys or shapes, a config naming modules the model lacks) the model is left as it was."""
+    def _peft_config(self, name: str) -> dict[str, Any]:
+        """The adapter_config.json PEFT needs to rebuild adapter ``name``."""
+        units = list(self.adapters.units(name).values())
+        keys = {u.key for u in units}
+        fan_in_fan_out = any(getattr(t.geometry, "transposed", False) for t in self.targets if t.key in keys)
+        base = getattr(getattr(self._captured.source, "config", None), "_name_or_path", None) or None
+        config = peft_config_dict(units, fan_in_fan_out, base, self.adapters.entry(name).bias)
+        config["modules_to_save"] = sorted(self.adapters.saved(name)) or None
+        return config
+
+    def _adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        """PEFT's tensor name -> parameter, for everything adapter ``name`` saves."""
+        out = {n: p for unit in self.adapters.units(name).values() for n, p in unit_tensors(unit).items()}
+        out.update(self._extra_tensors(name))
+        return out
+
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", *, allow_pickle: bool = False,
+                     is_trainable: bool = True, **_: Any) -> None:
+        """Read a PEFT adapter directory into adapter ``adapter_name``: a new adapter, or, when that name exists
+        (as ``Trainer`` does on ``resume_from_checkpoint``), the existing one's weights in place, which must then
+        have the same targets and shapes. ``is_trainable=False``: its weights stay frozen even when active. On any
+        error (missing file, wrong keys or shapes, a config naming modules the model lacks) the model is left as
+        it was."""
         directory = Path(path)
         config = read_config(directory)
         tensors = strip_adapter_name(read_tensors(directory, allow_pickle), adapter_name)
+        if adapter_name in self.adapters.names:
+            check_and_copy(list(self.adapters.units(adapter_name).values()), tensors, directory / WEIGHTS_NAME,
+                           self._extra_tensors(adapter_name))
+            self._trainable(adapter_name, is_trainable)
+            return
         undo = self._add(adapter_name, ruleset_from_peft_config(config), autocast_adapter_dtype=True)
         try:
             check_and_copy(list(self.adapters.units(adapter_name).values()), tensors, directory / WEIGHTS_NAME,
@@ -86,3 +116,8 @@ class CheckpointMixin:
         except BaseException:
             self._discard_adapter(adapter_name, undo)  # PiSSA/OLoRA residuals written by _add go back too
             raise
+        self._trainable(adapter_name, is_trainable)
+
+    def _trainable(self, name: str, trainable: bool) -> None:
+        self.adapters.entry(name).trainable = trainable
+        self._freeze()

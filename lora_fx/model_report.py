@@ -58,6 +58,10 @@ class ReportMixin:
             programs = len({id(b.program) for b in blocks.values()})
             passes.insert(0, f"blocks: {len(blocks)} repeated blocks kept as submodules, "
                              f"{len(self._captured.templates)} traced template(s), {programs} rewritten program(s)")
+        can_generate = getattr(self._captured.source, "can_generate", None)
+        if callable(can_generate) and can_generate() and len(self.merged_adapters) < len(self.active_adapters):
+            passes.append("generate: the original model's own generate() does not see unmerged adapters; use "
+                          "lm.generate(...), or merge() first")
         for name in self.adapters.names:
             for path, (_, module) in self.adapters.saved(name).items():
                 n = sum(p.numel() for p in module.parameters())

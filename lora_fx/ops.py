@@ -23,7 +23,7 @@ class _LoraLinearGroup(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scalings, n, *tensors):
+    def forward(ctx, x, scalings, n, inplace, *tensors):
         ys, a_list, b_list = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         x2 = x.reshape(-1, x.shape[-1])
         a_cat = torch.cat(a_list) if n > 1 else a_list[0]
@@ -31,12 +31,12 @@ class _LoraLinearGroup(torch.autograd.Function):
         ranks = [a.shape[0] for a in a_list]
         outs, dirty = [], []
         for y, h_i, b, s in zip(ys, h.split(ranks, dim=1), b_list, scalings):
-            if torch.compiler.is_compiling() or y._is_view() or not y.is_contiguous():  # in place: eager, non-views
-                outs.append(torch.addmm(y.reshape(-1, y.shape[-1]), h_i, b.t(), alpha=s).view(y.shape))
-            else:
+            if _writes_in_place(y, inplace):
                 y.view(-1, y.shape[-1]).addmm_(h_i, b.t(), alpha=s)
                 outs.append(y)
                 dirty.append(y)
+            else:
+                outs.append(torch.addmm(y.reshape(-1, y.shape[-1]), h_i, b.t(), alpha=s).view(y.shape))
         ctx.mark_dirty(*dirty)
         ctx.save_for_backward(x2, h, *a_list, *b_list)  # the A's themselves: no saved concatenation
         ctx.scalings, ctx.ranks, ctx.x_shape = scalings, ranks, x.shape
@@ -55,11 +55,17 @@ class _LoraLinearGroup(torch.autograd.Function):
             dh_list.append((g2 @ b).mul_(s))
         dh = torch.cat(dh_list, dim=1) if n > 1 else dh_list[0]
         dx = (dh @ (torch.cat(a_list) if n > 1 else a_list[0])).view(ctx.x_shape) if needs[0] else None
-        da = (dh.t() @ x2).split(ctx.ranks) if any(needs[3 + n:3 + 2 * n]) else (None,) * n
-        return (dx, None, None, *grads, *da, *db_list)
+        da = (dh.t() @ x2).split(ctx.ranks) if any(needs[4 + n:4 + 2 * n]) else (None,) * n
+        return (dx, None, None, None, *grads, *da, *db_list)
 
 
-def lora_linear_group(x: torch.Tensor, ys: tuple, a_list: tuple, b_list: tuple, scalings: tuple) -> tuple:
+def _writes_in_place(y: torch.Tensor, inplace: bool) -> bool:
+    """Add into the base output itself only when nothing else can see it (see ``lora_linear_group``)."""
+    return inplace and not torch.compiler.is_compiling() and not y._is_view() and y.is_contiguous()
+
+
+def lora_linear_group(x: torch.Tensor, ys: tuple, a_list: tuple, b_list: tuple, scalings: tuple,
+                      inplace: bool = False) -> tuple:
     """Add the LoRA deltas of sibling linear targets that read ``x`` into their base outputs ``ys``.
 
     Example::
@@ -67,23 +73,31 @@ def lora_linear_group(x: torch.Tensor, ys: tuple, a_list: tuple, b_list: tuple, 
         q, k, v = lora_linear_group(x, (q, k, v), (A_q, A_k, A_v), (B_q, B_k, B_v), (2.0, 2.0, 2.0))
 
     Under ``torch.compile`` it traces as plain ops, which the compiler fuses itself; with no grad needed it
-    skips autograd and adds in place.
+    skips autograd. ``inplace``: the ``ys`` are fresh op outputs nothing else can see (the graph says so for
+    ``call_function`` base nodes; a module's output may have been kept by a hook), so the deltas may be added
+    into them; otherwise new tensors are returned.
     """
-    if (torch.compiler.is_compiling()  # the compiler fuses plain ops itself
+    if (torch.compiler.is_compiling()  # plain ops, which the compiler fuses around; one GEMM for all A's
             or torch.is_autocast_enabled(x.device.type)  # autocast picks the matmul dtypes
             or any(y.dtype != a.dtype for y, a in zip(ys, a_list))):
-        return tuple(y + (x @ a.t() @ b.t()) * s for y, a, b, s in zip(ys, a_list, b_list, scalings))
+        x2 = x.reshape(-1, x.shape[-1])
+        hs = (x2 @ torch.cat(a_list).t()).split([a.shape[0] for a in a_list], dim=-1) if len(a_list) > 1 else (
+            x2 @ a_list[0].t(),)
+        return tuple(torch.addmm(y.reshape(-1, y.shape[-1]), h, b.t(), alpha=s).view(y.shape)  # no extra kernel
+                     if y.dtype == h.dtype == b.dtype else y + (h @ b.t()).view(y.shape) * s
+                     for y, h, b, s in zip(ys, hs, b_list, scalings))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *a_list, *b_list)):
-        return _LoraLinearGroup.apply(x, tuple(scalings), len(ys), *ys, *a_list, *b_list)
+        return _LoraLinearGroup.apply(x, tuple(scalings), len(ys), inplace, *ys, *a_list, *b_list)
     x2 = x.reshape(-1, x.shape[-1])  # inference: the same math with no autograd bookkeeping
+    hs = F.linear(x2, torch.cat(a_list)).split([a.shape[0] for a in a_list], dim=1) if len(a_list) > 1 else (
+        F.linear(x2, a_list[0]),)
     outs = []
-    for y, a, b, s in zip(ys, a_list, b_list, scalings):
-        h = F.linear(x2, a)
-        if y._is_view() or not y.is_contiguous():
-            outs.append(torch.addmm(y.reshape(-1, y.shape[-1]), h, b.t(), alpha=s).view(y.shape))
-        else:
+    for y, h, b, s in zip(ys, hs, b_list, scalings):
+        if _writes_in_place(y, inplace):
             y.view(-1, y.shape[-1]).addmm_(h, b.t(), alpha=s)
             outs.append(y)
+        else:
+            outs.append(torch.addmm(y.reshape(-1, y.shape[-1]), h, b.t(), alpha=s).view(y.shape))
     return tuple(outs)
 
 

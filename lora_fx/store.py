@@ -97,6 +97,7 @@ class AdapterEntry(nn.Module):
                  unused_rules: list[str]) -> None:
         super().__init__()
         self.bias, self.unused_rules = bias, list(unused_rules)
+        self.trainable = True  # load_adapter(..., is_trainable=False) keeps an active adapter frozen
         self.by_key: dict[str, LoraUnit] = {}
         self.child: dict[str, str] = {}  # key -> child name
         taken = {"saved"}

@@ -1,4 +1,5 @@
-"""The main job: `lora-fx demo` trains a tiny Llama, prints the report, lowers the loss, saves an adapter."""
+"""The main job: `lora-fx demo` trains a tiny Llama, prints the report, lowers the loss, generates what it learnt,
+saves an adapter."""
 
 import subprocess
 import sys
@@ -11,12 +12,14 @@ from lora_fx.cli import main
 from lora_fx.demo import DemoConfig, run_demo
 
 
-def test_demo_lowers_loss_and_saves_peft_adapter(tmp_path, capsys):
-    result = run_demo(DemoConfig(steps=40, out=str(tmp_path / "adapter")), progress=False)
+def test_demo_learns_to_count_and_saves_peft_adapter(tmp_path, capsys):
+    result = run_demo(DemoConfig(steps=60, out=str(tmp_path / "adapter")), progress=False)
     out = capsys.readouterr().out
     assert "model.layers.0.self_attn.q_proj" in out and "trainable params:" in out and "loss:" in out
     losses = result["losses"]
-    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.1 * sum(losses[:5]) / 5
+    assert result["after"][0, 4:].tolist() == list(range(9, 17))  # 5 6 7 8 -> 9 10 ... 16
+    assert result["before"][0, 4:].tolist() != list(range(9, 17)) and "after training  -> 9 10 11" in out
     assert (tmp_path / "adapter" / CONFIG_NAME).is_file() and (tmp_path / "adapter" / WEIGHTS_NAME).is_file()
     cfg = DemoConfig()
     base = LlamaForCausalLM(LlamaConfig(vocab_size=cfg.vocab, hidden_size=cfg.hidden,

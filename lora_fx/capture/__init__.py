@@ -29,6 +29,7 @@ from ..blocks import Block, Template
 from ..errors import CaptureError
 from ..passes.common import copy_graph
 from ..targets import Target, Unsupported, arg, find_targets, weight_uses
+from .calls import CallSignature, call_key
 from .exporting import export_program, share_parameters, warn_training_mode
 from .masks import elide_masks
 from .templated import TemplateMismatch, capture_templated
@@ -46,9 +47,14 @@ class Captured:
     blocks: dict[str, Block] = field(default_factory=dict)  # block path -> Block (registered in graph_module)
     calls: Counter = field(default_factory=Counter)  # block path -> call sites in the outer graph
     targets: list[Target | Unsupported] = field(default_factory=list)  # full keys, in model order
+    program_key: str = ""  # which of a Block's programs this capture's graph runs ("": the first capture)
+    call: tuple | None = None  # the call key the graph is specialised on (export), see ``calls``
+    positional: int = 0  # how many of the example inputs were passed by position (the graph expects the same)
+    template_ids: dict[str, str] = field(default_factory=dict)  # block path -> the id of its template here
+    key_prefix: str = ""  # added to a block path to name its targets like the model the adapters were made for
 
     def template_of(self, block: str) -> Template:
-        return self.templates[self.blocks[block].template]
+        return self.templates[self.template_ids[block]]
 
     def pristine_node(self, t: Target) -> fx.Node:
         """The target's base node in its pristine graph."""
@@ -72,8 +78,10 @@ class Captured:
             return None
 
 
-def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[str, Any] | None = None) -> Captured:
-    """Capture ``model``; see the module docstring for which path is taken."""
+def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[str, Any] | None = None, *,
+            templates: bool = True) -> Captured:
+    """Capture ``model``; see the module docstring for which path is taken (``templates=False``: export in one
+    piece, for graphs whose blocks differ by index, such as a KV cache's layers)."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"lorafy expects a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(example_inputs, tuple):
@@ -83,14 +91,19 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[s
         return _finish(model, model, "graph_module", _mode_fixed(model), {}, {})
     if example_inputs or kwargs:
         example_inputs, kwargs = distinct_inputs(example_inputs, kwargs)
+        key = call_key(CallSignature.of(model).bind(example_inputs, kwargs))
         warn_training_mode(model)
         try:
-            gm, templates, blocks = capture_templated(model, example_inputs, kwargs)
+            if not templates:
+                raise TemplateMismatch("templates not wanted")
+            gm, found, blocks = capture_templated(model, example_inputs, kwargs)
         except TemplateMismatch:
-            gm, templates, blocks = export_program(model, example_inputs, kwargs).module(), {}, {}
+            gm, found, blocks = export_program(model, example_inputs, kwargs).module(), {}, {}
         share_parameters(gm, model)
-        elide_masks(gm, templates, blocks)
-        return _finish(gm, model, "export", True, templates, blocks)
+        elide_masks(gm, found, blocks)
+        cap = _finish(gm, model, "export", True, found, blocks)
+        cap.call, cap.positional = key, len(example_inputs)
+        return cap
     try:
         gm, templates, blocks = trace_with_blocks(model)
     except Exception as e:
@@ -122,6 +135,7 @@ def distinct_inputs(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[st
 
 def _finish(gm, source, method, mode_fixed, templates, blocks) -> Captured:
     cap = Captured(gm, copy_graph(gm.graph), source, method, mode_fixed, templates, blocks)
+    cap.template_ids = {path: block.template for path, block in blocks.items()}
     cap.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in blocks)
     for t in templates.values():
         t.targets = find_targets(t.graph, blocks[t.id], source.get_submodule(t.id), t.id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import warnings
 from typing import Any
 
@@ -30,7 +31,7 @@ def warn_training_mode(model: nn.Module) -> None:
 
 
 def has_active_dropout(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
 
 
 def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
@@ -39,9 +40,9 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tor
         bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
     except TypeError as e:
         raise CaptureError(f"example inputs do not fit {type(model).__name__}.forward: {e}.") from None
-    dynamic = {name: _auto_dims(value) for name, value in bound.items()}
     try:
-        with no_kv_cache(model, kwargs):
+        with no_kv_cache(model, kwargs), _quiet_specialisation(), _explicit_keywords(model, bound) as bound:
+            dynamic = {name: _auto_dims(value) for name, value in bound.items()}
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
     except Exception as e:
         raise CaptureError(
@@ -51,6 +52,47 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tor
             "torch.fx.symbolic_trace can trace with no example inputs."
         ) from e
     return ep
+
+
+@contextlib.contextmanager
+def _explicit_keywords(model: nn.Module, bound: dict[str, Any]):
+    """Values passed through ``**kwargs`` (``num_items_in_batch``) become named parameters of ``model.forward``
+    while exporting: export cannot give them dynamic shapes otherwise. Yields the arguments by name."""
+    signature = inspect.signature(model.forward)
+    var_kw = next((p for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    if var_kw is None or not bound.get(var_kw.name):
+        yield bound
+        return
+    extra = bound[var_kw.name]
+    original = model.__dict__.get("forward")
+    forward_of = original or type(model).forward.__get__(model)
+
+    def forward(*args, **kwargs):
+        return forward_of(*args, **kwargs)
+
+    params = [p for p in signature.parameters.values() if p is not var_kw]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in extra]
+    forward.__signature__ = signature.replace(parameters=params)
+    model.forward = forward
+    try:
+        yield {**{k: v for k, v in bound.items() if k != var_kw.name}, **extra}
+    finally:
+        del model.forward
+        if original is not None:
+            model.forward = original
+
+
+@contextlib.contextmanager
+def _quiet_specialisation():
+    """A size-1 example dimension becomes static: that is what it means here (a batch of 1 for a cache of batch
+    1, one token for a decode step), so export's warning about it is not shown."""
+    logger = logging.getLogger("torch._export.non_strict_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _auto_dims(value: Any) -> Any:

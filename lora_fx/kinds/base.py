@@ -25,6 +25,14 @@ if TYPE_CHECKING:
     from ..store import LoraUnit
 
 
+WEIGHT_INITS = ("pissa", "olora")  # inits that take A and B from the base weight
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    """A float32 CPU tensor shaped like ``t``, where PEFT draws its random adapter values."""
+    return torch.empty(t.shape, dtype=torch.float32)
+
+
 @dataclass(frozen=True)
 class BiasRef:
     """Where a base layer's bias lives: a parameter path in the graph's module (``attr``), or an argument
@@ -55,21 +63,31 @@ class Kind:
 
     @torch.no_grad()
     def reset(self, unit: LoraUnit, init: bool | str) -> None:
-        """PEFT's init for linear and conv: A kaiming-uniform(a=√5) (``"gaussian"``: N(0, 1/r)), B zeros, so
-        the layer starts unchanged. ``init=False``: B random too (and lora_B's bias), for tests."""
-        a, b = unit.lora_A, unit.lora_B
-        if init == "gaussian":
-            nn.init.normal_(a, std=1 / unit.r)
-        else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        if init is False:
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            if unit.lora_B_bias is not None:  # nn.Linear's default bias init, fan_in = r
-                nn.init.uniform_(unit.lora_B_bias, -1 / math.sqrt(unit.r), 1 / math.sqrt(unit.r))
-        else:
+        """PEFT's init for linear and conv, with PEFT's random draws in PEFT's order (CPU, float32, then copied to
+        the unit's device and dtype), so one seed gives PEFT's adapter: the A and B layers as torch builds them
+        (kaiming-uniform(a=√5), B's bias uniform(±1/√fan_in)), which is ``init=False``'s result; then A drawn
+        again (kaiming-uniform, or N(0, 1/r) for ``"gaussian"``) and B (and its bias) zeroed, so the layer
+        starts unchanged. PiSSA/OLoRA set A and B from W afterwards (``init_schemes``)."""
+        a = _cpu(unit.lora_A)
+        b = _cpu(unit.lora_B)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        bias = _cpu(unit.lora_B_bias) if unit.lora_B_bias is not None else None
+        if bias is not None:
+            bound = 1 / math.sqrt(b[0].numel())
+            nn.init.uniform_(bias, -bound, bound)
+        if init is not False and init not in WEIGHT_INITS and not str(init).startswith("pissa_niter_"):
+            if init == "gaussian":
+                nn.init.normal_(a, std=1 / unit.r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             b.zero_()
-            if unit.lora_B_bias is not None:
-                unit.lora_B_bias.zero_()
+            if bias is not None:
+                bias.zero_()
+        unit.lora_A.copy_(a)
+        unit.lora_B.copy_(b)
+        if bias is not None:
+            unit.lora_B_bias.copy_(bias)
 
     def check(self, key: str, use_dora: bool, lora_bias: bool, init: bool | str) -> None:
         """Refuse what this kind cannot do (raises RuleError naming the key)."""

@@ -49,12 +49,15 @@ class EmbeddingKind(Kind):
 
     @torch.no_grad()
     def reset(self, unit, init):
-        """PEFT's embedding init: A zeros, B N(0, 1) (``init=False``: both normal)."""
-        if init is False:
-            unit.lora_A.normal_()
-        else:
-            unit.lora_A.zero_()
-        unit.lora_B.normal_()
+        """PEFT's embedding init with PEFT's draws: A and B drawn N(0, 1) on the CPU in float32 (``init=False``
+        keeps them); then A zeroed and B drawn again."""
+        a = torch.randn(unit.lora_A.shape)
+        b = torch.randn(unit.lora_B.shape)
+        if init is not False:
+            a.zero_()
+            b.normal_()
+        unit.lora_A.copy_(a)
+        unit.lora_B.copy_(b)
 
     def delta(self, unit, dtype):
         return (unit.lora_B.detach().to(dtype) @ unit.lora_A.detach().to(dtype)).T * unit.scaling

@@ -57,12 +57,15 @@ def derive(cap: Captured, rw: Rewrite) -> list[dict]:
     outer = [t for t in cap.targets if isinstance(t, Target) and not t.block]
     records += rewrite_graph(g, outer, lambda t: branches_for(t.key), inputs, cap.graph_module, rw.fuse)
     swap_saved(g, rw.saved)
-    _wire_block_calls(g, rw, {path: inputs.order for path, (_, inputs, _) in assignments.items()})
+    _wire_block_calls(g, rw, {path: inputs.order for path, (_, inputs, _) in assignments.items()}, cap.key_prefix)
     g.lint()
     for path, (program, _, dropouts) in assignments.items():  # nothing is installed until everything is built
         block = cap.blocks[path]
-        block.set_program(program)
-        block.lora_dropout = dropouts
+        block.set_program(program, cap.program_key)
+        if cap.program_key and hasattr(block, "lora_dropout"):
+            block.lora_dropout.update(dropouts)
+        else:
+            block.lora_dropout = dropouts
     cap.graph_module.graph = g  # recompiles
     return records
 
@@ -111,7 +114,7 @@ def _derive_blocks(cap: Captured, rw: Rewrite, branches_for: Callable, records: 
     for path, block in cap.blocks.items():
         t = cap.template_of(path)
         targets = [x for x in t.targets if isinstance(x, Target)]
-        full = {x.key: f"{path}.{x.key}" for x in targets}
+        full = {x.key: f"{cap.key_prefix}{path}.{x.key}" for x in targets}
         signature = (t.id, tuple(
             (tuple(_branch_signature(a, u, block, x) for a, u in branches_for(full[x.key])), full[x.key] in rw.untied)
             for x in targets))
@@ -122,9 +125,11 @@ def _derive_blocks(cap: Captured, rw: Rewrite, branches_for: Callable, records: 
             g.lint()
             programs[signature] = (Program(g, f"block {t.id}"), inputs, recs)
         program, inputs, recs = programs[signature]
-        dropouts = nn.ModuleDict({name: rw.store.unit(a, f"{path}.{rel}").dropout for a, rel, name in inputs.dropouts})
+        dropouts = nn.ModuleDict({name: rw.store.unit(a, f"{cap.key_prefix}{path}.{rel}").dropout
+                                  for a, rel, name in inputs.dropouts})
         assignments[path] = (program, inputs, dropouts)
-        records += [{**r, "key": f"{path}.{r['key']}", "group": r["group"] and f"{path}/{r['group']}"} for r in recs]
+        records += [{**r, "key": f"{cap.key_prefix}{path}.{r['key']}", "group": r["group"] and f"{path}/{r['group']}"}
+                    for r in recs]
     return assignments
 
 
@@ -134,7 +139,7 @@ def _branch_signature(adapter: str, unit, block: nn.Module, t: Target) -> tuple:
             block.get_parameter(t.weight).dtype)
 
 
-def _wire_block_calls(graph: fx.Graph, rw: Rewrite, inputs_of: dict[str, list]) -> None:
+def _wire_block_calls(graph: fx.Graph, rw: Rewrite, inputs_of: dict[str, list], key_prefix: str) -> None:
     """Pass each block the adapter tensors its program reads (``get_attr`` on the store, or merged copies)."""
     for node in list(graph.nodes):
         order = inputs_of.get(node.target) if node.op == "call_module" else None
@@ -143,7 +148,7 @@ def _wire_block_calls(graph: fx.Graph, rw: Rewrite, inputs_of: dict[str, list]) 
         extra = []
         with graph.inserting_before(node):
             for adapter, rel, attr in order:
-                key = f"{node.target}.{rel}"
+                key = f"{key_prefix}{node.target}.{rel}"
                 path = (rw.untied[key] if adapter is None
                         else f"{rw.store_name}.{rw.store.unit_path(adapter, key)}.{attr}")
                 extra.append(graph.get_attr(path))

@@ -89,7 +89,9 @@ def _emit(graph: fx.Graph, group: list, inputs) -> fx.Node:
         ys = tuple(node for _, node, _, _ in group)
         scalings = tuple(float(unit.scaling) for _, _, _, unit in group)
         name = f"{stem}_lora_group" if len(group) > 1 else f"{stem}_lora_fused"
-        grp = new_node(graph, "call_function", lora_linear_group, (x, ys, a_nodes, b_nodes, scalings), name, tag)
+        inplace = all(node.op == "call_function" for node in ys)  # a module's output may be kept by a hook
+        grp = new_node(graph, "call_function", lora_linear_group, (x, ys, a_nodes, b_nodes, scalings, inplace),
+                       name, tag)
         outs = []
         for i, (t, _, _, _) in enumerate(group):
             out_tag = {"adapter": adapter, "key": t.key, "role": "out"}

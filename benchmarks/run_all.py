@@ -17,7 +17,8 @@ def main() -> int:
     quick = "--quick" in sys.argv
     rounds = ["--rounds", "6"] if quick else []
     for script, args in [("train_step.py", rounds), ("forward.py", rounds), ("memory.py", []),
-                         ("compile_time.py", []), ("blocks.py", rounds)]:
+                         ("compile_time.py", []), ("blocks.py", rounds), ("generate.py", rounds),
+                         ("ecosystem.py", rounds)]:
         print(f"\n=== {script} ===", flush=True)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-W", "ignore", str(HERE / script), *args], check=True)

@@ -89,3 +89,4 @@ def _discard_on_error(lm: LoraModel):
     except BaseException:
         lm._discard()
         raise
+    lm._requires_grad = []  # the snapshot held every base parameter; once lorafy succeeded it is not needed

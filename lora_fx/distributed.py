@@ -28,9 +28,12 @@ from .merge import HOLDER
 
 def fully_shard(lm: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
     """Shard ``lm`` with FSDP2 (``torch.distributed.fsdp.fully_shard``): every block, then ``lm`` itself; keyword
-    arguments (``mesh``, ``reshard_after_forward``, ...) go to each call. Returns ``lm``."""
+    arguments (``mesh``, ``reshard_after_forward``, ...) go to each call. The root is resharded after forward too
+    (FSDP2 keeps it gathered by default), so embeddings and head are not held whole through backward. Returns
+    ``lm``."""
     from torch.distributed.fsdp import fully_shard as shard
 
+    fsdp_kwargs.setdefault("reshard_after_forward", True)
     if lm.merged_adapters:
         raise AdapterError(f"Adapters {lm.merged_adapters} are merged; unmerge() before sharding (a merge writes "
                            "the full base weights).")

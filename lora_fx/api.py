@@ -59,8 +59,10 @@ def from_peft(
     example_kwargs: dict[str, Any] | None = None,
     adapter_name: str = "default",
     allow_pickle: bool = False,
+    strict_finite: bool = False,
 ) -> LoraModel:
-    """Capture ``model`` and load the PEFT adapter directory ``path`` into it (config and weights).
+    """Capture ``model`` and load the PEFT adapter directory ``path`` into it (config and weights). NaN or Inf
+    in the adapter's tensors: a warning naming them, an error with ``strict_finite=True``.
 
     Example::
 
@@ -70,7 +72,7 @@ def from_peft(
     check_adapter_name(adapter_name)
     lm = _model_class()(capture(model, example_inputs, example_kwargs))
     with _discard_on_error(lm):
-        lm.load_adapter(path, adapter_name, allow_pickle=allow_pickle)
+        lm.load_adapter(path, adapter_name, allow_pickle=allow_pickle, strict_finite=strict_finite)
     return lm
 
 

@@ -35,9 +35,11 @@ PREFIX = "base_model.model."
 
 
 def unit_tensors(unit: LoraUnit) -> dict[str, torch.nn.Parameter]:
-    """PEFT's tensor name -> parameter for ``unit`` (A, B, and DoRA's magnitude)."""
+    """PEFT's tensor name -> parameter for ``unit`` (A, B, and DoRA's magnitude); a unit in an adapter bank: the
+    views of its true rank (``A[:r]``, ``B[:, :r]``), which copying into writes the bank."""
     p = f"{PREFIX}{unit.key}"
-    out = {f"{p}.{unit.strategy.peft_a}": unit.lora_A, f"{p}.{unit.strategy.peft_b}": unit.lora_B}
+    a, b = (unit.lora_A[:unit.r], unit.lora_B[:, :unit.r]) if unit.routed else (unit.lora_A, unit.lora_B)
+    out = {f"{p}.{unit.strategy.peft_a}": a, f"{p}.{unit.strategy.peft_b}": b}
     if unit.lora_magnitude_vector is not None:
         out[f"{p}.lora_magnitude_vector"] = unit.lora_magnitude_vector
     if unit.lora_B_bias is not None:
@@ -89,27 +91,60 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    """Write one adapter's tensors (by PEFT name) and config into ``directory`` (created if needed), atomically
-    per file."""
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+def prepare_dir(directory: Path) -> None:
+    """Create ``directory`` if needed (a dangling symlink or a file there is refused by name)."""
+    if directory.is_symlink() and not directory.exists():
+        raise CheckpointError(f"{directory} is a symlink to nothing; remove it or point it at a directory.")
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} exists and is not a directory; choose another path.")
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME,
-                  lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write ``path`` through a temporary file in the same directory and an atomic rename."""
+def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write one adapter's tensors (by PEFT name) and config into ``directory`` (created if needed) so that no
+    crash leaves a loadable mismatched pair: both files are written to temporary names first; then the old
+    config is removed, the weights renamed into place, and the config last. A crash in between leaves no
+    config (a loud "not found"), never new weights under an old config. Temporary files a killed save left
+    behind are removed first."""
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+    prepare_dir(directory)
+    clean_stale(directory)
+    weights = temp_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    try:
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        config_tmp = temp_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    except BaseException:
+        weights.unlink(missing_ok=True)
+        raise
+    (directory / CONFIG_NAME).unlink(missing_ok=True)
+    os.replace(weights, directory / WEIGHTS_NAME)
+    os.replace(config_tmp, directory / CONFIG_NAME)
+
+
+def clean_stale(directory: Path) -> None:
+    """Remove the temporary files of earlier, killed saves in ``directory``."""
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        stem, suffix = Path(name).stem, Path(name).suffix
+        for leftover in directory.glob(f".{stem}.*.tmp{suffix}"):
+            leftover.unlink(missing_ok=True)
+
+
+def temp_write(path: Path, write) -> Path:
+    """Write through ``write(tmp)`` to a temporary file beside ``path``, with the usual permissions; returns it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; a saved file gets the usual permissions
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through a temporary file in the same directory and an atomic rename."""
+    os.replace(temp_write(path, write), path)
 
 
 def current_umask() -> int:
@@ -158,6 +193,18 @@ def strip_adapter_name(tensors: dict[str, torch.Tensor], adapter_name: str) -> d
     parts = "lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
     pattern = re.compile(rf"\.({parts})\.{re.escape(adapter_name)}(?=\.|$)")
     return {pattern.sub(r".\1", k): v for k, v in tensors.items()}
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: Path, strict: bool) -> None:
+    """Warn about (``strict``: refuse) tensors holding NaN or Inf, by name."""
+    bad = sorted(n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if not bad:
+        return
+    message = (f"{source}: tensors {preview(bad, 4)} hold NaN or Inf; the adapter would make the model's outputs "
+               "non-finite. Retrain or re-export it" + ("." if strict else " (strict_finite=True refuses it)."))
+    if strict:
+        raise CheckpointError(message)
+    warnings.warn(message, stacklevel=3)
 
 
 def check_and_copy(units: list[LoraUnit], tensors: dict[str, torch.Tensor], source: Path,

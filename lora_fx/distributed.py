@@ -37,6 +37,9 @@ def fully_shard(lm: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
     if lm.merged_adapters:
         raise AdapterError(f"Adapters {lm.merged_adapters} are merged; unmerge() before sharding (a merge writes "
                            "the full base weights).")
+    if lm.adapter_bank is not None:
+        raise AdapterError("The adapters are routed through an adapter bank, whose slots are views of one stacked "
+                           "tensor per target that sharding would split; remove_adapter_bank() before sharding.")
     for block in lm.blocks.values():
         shard(block, **fsdp_kwargs)
     shard(lm, **fsdp_kwargs)

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -107,8 +108,17 @@ def fold(cap: Captured, targets: dict[str, list[Target]], units_by_key: dict[str
 
 
 def unfold(cap: Captured, state: MergeState) -> None:
-    """Undo ``fold``: restore each weight (and re-tie shared ones)."""
+    """Undo ``fold``: restore each weight (and re-tie shared ones). Without the originals
+    (``keep_original=False``) a low-precision weight is recomputed as ``W' - s·ΔW`` and rounded again: a
+    warning says so, since repeated cycles drift."""
     holder = getattr(cap.graph_module, HOLDER, None)
+    lossy = sorted({f.key for f in state.folds if f.original is None and f.untied is None
+                    and f.param.dtype in (torch.float16, torch.bfloat16)})
+    if lossy:
+        warnings.warn(f"unmerge() recomputes {len(lossy)} {state.folds[0].param.dtype} weights (e.g. {lossy[0]!r}) "
+                      "as W' - s·ΔW without the originals (merge(keep_original=False)); each cycle rounds them "
+                      "again and repeated cycles drift. merge(keep_original=True) restores them bit for bit.",
+                      stacklevel=3)
     for f in state.folds:
         if f.bias is not None:
             with torch.no_grad():

@@ -20,12 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bank import BANK, unbank
 from .blocks import Block, code_of
 from .capture import Captured
 from .errors import AdapterError, MergeError
 from .init_schemes import is_weight_init, svd_init
 from .matching import match_targets
 from .merge import HOLDER, MergeState, fold, unfold
+from .model_bank import BankMixin
 from .model_calls import CallsMixin
 from .model_io import CheckpointMixin
 from .model_report import ReportMixin
@@ -36,7 +38,7 @@ from .store import AdapterEntry, AdapterStore, LoraUnit, adapter_dtype, check_ad
 from .targets import Target
 
 
-class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Module):
+class LoraModel(CallsMixin, BankMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Module):
     """A captured model with LoRA branches as graph rewrites. Call it as you would call the model."""
 
     def __init__(self, captured: Captured, *, fuse: bool = True) -> None:
@@ -179,6 +181,10 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
         if self._merge is not None and names != self.active_adapters:
             raise MergeError(f"Adapters {self._merge.adapters} are merged into the weights; unmerge() before "
                              "set_adapter.")
+        if self._bank_current():  # routed graphs read the active adapter from the route: nothing to rebuild
+            self.adapters.active = names
+            self._freeze()
+            return
         previous = self.active_adapters
         self.adapters.active = names
         try:
@@ -203,6 +209,7 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
 
     def refresh(self) -> None:
         """Rebuild the graphs from the pristine captured ones and the adapter state."""
+        self._restack()
         self._records = derive(self._captured, self._rewrite())
         self._version += 1
 
@@ -223,7 +230,8 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
         for p in self.graph_module.parameters():
             if id(p) not in adapter_params:
                 p.requires_grad_(False)
-        trains = {name for name in store.active if store.entry(name).trainable}
+        routed = store.names if store.bank is not None else store.active  # a bank trains each row's adapter
+        trains = {name for name in routed if store.entry(name).trainable}
         for name, unit in store.iter_units():
             for p in unit.parameters():
                 p.requires_grad_(name in trains)
@@ -246,6 +254,9 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
         ``keep_original``: keep an exact copy of each W so ``unmerge`` restores it bit for bit."""
         if self._merge is not None:
             raise MergeError(f"Adapters {self._merge.adapters} are already merged; unmerge() before merging again.")
+        if self.adapters.bank is not None:
+            raise MergeError("Adapters are routed per row through an adapter bank; merging would fold them into "
+                             "weights every row shares. remove_adapter_bank() first.")
         names = self.active_adapters if adapter_names is None else (
             [adapter_names] if isinstance(adapter_names, str) else list(dict.fromkeys(adapter_names)))
         if not names:
@@ -285,6 +296,9 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
 
     def _unload(self, keep_saved: bool = False, keep_untied: bool = False) -> torch.fx.GraphModule:
         gm = self.graph_module
+        if self.adapters.bank is not None:
+            unbank(self.adapters)
+            del self.adapters._modules[BANK]
         if keep_saved:  # the active adapter's trained copies of modules_to_save replace the originals
             for name in self.active_adapters:
                 for path, (_, module) in self.adapters.saved(name).items():

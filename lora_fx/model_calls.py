@@ -35,7 +35,10 @@ class CallsMixin:
         functools.update_wrapper(forward, cap.source.forward)  # inspect.signature(lm.forward): the model's
         object.__setattr__(self, "forward", forward)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Run the model's own forward with the adapters; ``adapter_names`` (one per row, ``"__base__"``: none)
+        routes each row to its own adapter through the adapter bank (built on first use)."""
+        self._set_route(adapter_names)
         if self._signature is None:
             return self.graph_module(*args, **kwargs)
         if self._captured.source.__dict__.get("forward") is not self._source_forward:
@@ -108,14 +111,16 @@ class CallsMixin:
         stops at EOS (``eos_token_id=None``: the model's generation config) and is padded after it with
         ``pad_token_id`` (default: the generation config's, else the first EOS, as transformers). Greedy by
         default; ``do_sample`` samples after temperature, top-k and top-p (seed with ``torch.manual_seed``).
-        LoRA dropout is off while generating. After ``lora_fx.compile(lm)`` the decode step is compiled once and
-        reused by every step."""
+        ``adapter_names`` (one per row, ``"__base__"``: none) generates each row with its own adapter, in one
+        batch (adapter bank). LoRA dropout is off while generating. After ``lora_fx.compile(lm)`` the decode step
+        is compiled once and reused by every step."""
         from .generation import generate
         from .sampling import SamplingConfig
 
-        if adapter_names is not None:
-            raise AdapterError("adapter_names (one adapter per row) is not supported by generate in this version; "
-                               "generate each group of rows with set_adapter instead.")
+        if adapter_names is not None and len(adapter_names) != len(input_ids):
+            raise AdapterError(f"adapter_names has {len(adapter_names)} names for {len(input_ids)} rows of "
+                               "input_ids; pass one adapter name per row.")
+        self._set_route(adapter_names)
         was = self.training
         self.train(False)
         try:

@@ -21,6 +21,7 @@ from .checkpoint import (
     WEIGHTS_NAME,
     adapter_dir,
     check_and_copy,
+    check_finite,
     full_tensor,
     peft_config_dict,
     read_config,
@@ -71,11 +72,14 @@ class CheckpointMixin:
         chosen = adapter_name if adapter_name is not None else selected_adapters
         names = self.adapters.names if chosen is None else ([chosen] if isinstance(chosen, str) else list(chosen))
         native = {id(t): n for n, t in (*self.named_parameters(), *self.named_buffers())} if state_dict else {}
+        jobs = []  # everything is gathered and checked before the first file is written
         for name in names:
             tensors = {peft_name: full_tensor(state_dict.get(native.get(id(p)), p) if state_dict else p)
                        for peft_name, p in self._adapter_tensors(name).items()}
-            if is_main_process:
-                save_adapter(adapter_dir(path, name), tensors, self._peft_config(name))
+            jobs.append((adapter_dir(path, name), tensors, self._peft_config(name)))
+        if is_main_process:
+            for directory, tensors, config in jobs:
+                save_adapter(directory, tensors, config)
 
     def _peft_config(self, name: str) -> dict[str, Any]:
         """The adapter_config.json PEFT needs to rebuild adapter ``name``."""
@@ -94,15 +98,25 @@ class CheckpointMixin:
         return out
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", *, allow_pickle: bool = False,
-                     is_trainable: bool = True, **_: Any) -> None:
+                     is_trainable: bool = True, hotswap: bool = False, strict_finite: bool = False,
+                     **_: Any) -> None:
         """Read a PEFT adapter directory into adapter ``adapter_name``: a new adapter, or, when that name exists
         (as ``Trainer`` does on ``resume_from_checkpoint``), the existing one's weights in place, which must then
         have the same targets and shapes. ``is_trainable=False``: its weights stay frozen even when active. On any
         error (missing file, wrong keys or shapes, a config naming modules the model lacks) the model is left as
-        it was."""
+        it was.
+
+        ``hotswap=True`` replaces the existing adapter's weights in the adapter bank in place: any rank up to the
+        bank's maximum, any alpha and dropout, the same targets or a subset (the others zeroed); the graphs do not
+        change, so a compiled model does not recompile (see ``build_adapter_bank``). NaN or Inf in the tensors:
+        a warning naming them (``strict_finite=True``: an error, nothing loaded)."""
         directory = Path(path)
         config = read_config(directory)
         tensors = strip_adapter_name(read_tensors(directory, allow_pickle), adapter_name)
+        check_finite(tensors, directory / WEIGHTS_NAME, strict_finite)
+        if hotswap:
+            self._hotswap(directory, adapter_name, config, tensors)
+            return
         if adapter_name in self.adapters.names:
             check_and_copy(list(self.adapters.units(adapter_name).values()), tensors, directory / WEIGHTS_NAME,
                            self._extra_tensors(adapter_name))

@@ -41,7 +41,8 @@ class ReportMixin:
         for name, unit in self.adapters.iter_units():
             ts = by_key[unit.key]
             t = ts[0]
-            action = "merged" if name in merged else "lora" if name in self.adapters.active else "inactive"
+            action = ("merged" if name in merged else "routed" if self.adapters.bank is not None
+                      else "lora" if name in self.adapters.active else "inactive")
             suffix = (" (untied copy)" if name in merged and unit.key in untied
                       else " (shared weight)" if t.shared else "")
             rows.append({
@@ -62,7 +63,17 @@ class ReportMixin:
         if callable(can_generate) and can_generate() and len(self.merged_adapters) < len(self.active_adapters):
             passes.append("generate: the original model's own generate() does not see unmerged adapters; use "
                           "lm.generate(...), or merge() first")
+        bank = self.adapters.bank
+        if bank is not None:
+            passes.append(f"adapter bank: {len(bank.slots)} slots {bank.slots} + '__base__', max rank "
+                          f"{bank.max_rank}, {len(bank.stems)} targets; rows routed by adapter_names (default: the "
+                          "active adapter)")
         for name in self.adapters.names:
+            errors = self.adapters.entry(name).svd_error
+            if errors:
+                worst = max(errors, key=errors.get)
+                passes.append(f"weighted adapter {name!r}: SVD relative reconstruction error max "
+                              f"{errors[worst]:.3g} ({worst}), mean {sum(errors.values()) / len(errors):.3g}")
             for path, (_, module) in self.adapters.saved(name).items():
                 n = sum(p.numel() for p in module.parameters())
                 passes.append(f"modules_to_save: {path} -> trainable copy in adapter {name!r} ({n:,} parameters)")

@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +50,7 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
     for name in _UNSUPPORTED_WHEN_TRUE:
         if c.get(name):
             raise RuleError(f"LoraConfig.{name}=True is not supported by this version of lora_fx; set it to False.")
+    _check_values(c)
     init = c.get("init_lora_weights", True)
     if init not in (True, False, "gaussian", "pissa", "olora") and not is_weight_init(init):
         raise RuleError(
@@ -65,7 +67,7 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
     all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
     match = "*" if all_linear else "re:" + targets if isinstance(targets, str) else tuple(sorted(targets))
     hyper = dict(
-        r=int(c.get("r", 8)), alpha=c.get("lora_alpha", 8), dropout=float(c.get("lora_dropout", 0.0)),
+        r=c.get("r", 8), alpha=c.get("lora_alpha", 8), dropout=c.get("lora_dropout", 0.0),
         init=init, use_rslora=bool(c.get("use_rslora", False)), use_dora=bool(c.get("use_dora", False)),
         lora_bias=bool(c.get("lora_bias", False)),
     )
@@ -87,3 +89,30 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
                    layers_pattern=tuple(pattern) if pattern else None, exclude_output_layer=all_linear,
                    bias=c.get("bias", "none") or "none",
                    modules_to_save=tuple(c["modules_to_save"]) if c.get("modules_to_save") else None)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_values(c: dict[str, Any]) -> None:
+    """Refuse ill-typed fields by name before anything is built (a rank must be an integer: 4.9 is not 4)."""
+    fields = {"r": c.get("r", 8), **{f"rank_pattern[{k!r}]": v for k, v in (c.get("rank_pattern") or {}).items()}}
+    for name, value in fields.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise RuleError(f"LoraConfig.{name}={value!r}: a rank must be a positive integer.")
+    alphas = {"lora_alpha": c.get("lora_alpha", 8),
+              **{f"alpha_pattern[{k!r}]": v for k, v in (c.get("alpha_pattern") or {}).items()}}
+    for name, value in alphas.items():
+        if not _number(value):
+            raise RuleError(f"LoraConfig.{name}={value!r}: alpha must be a number.")
+    dropout = c.get("lora_dropout", 0.0)
+    if not _number(dropout) or not 0 <= dropout < 1:
+        raise RuleError(f"LoraConfig.lora_dropout={dropout!r}: use a number in [0, 1).")
+    for field in ("rank_pattern", "alpha_pattern"):
+        for pattern in c.get(field) or {}:
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except (re.error, TypeError) as e:
+                raise RuleError(f"LoraConfig.{field} key {pattern!r} is not a valid regular expression "
+                                f"({e}).") from None

@@ -71,9 +71,11 @@ class Rule:
             return
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise RuleError(f"Rule {self.label}: r must be a positive integer, got {self.r!r}.")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)
+                or self.alpha <= 0):
             raise RuleError(f"Rule {self.label}: alpha must be a positive number, got {self.alpha!r}.")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        dropout_ok = isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+        if not dropout_ok or not 0.0 <= self.dropout < 1.0:
             raise RuleError(f"Rule {self.label}: dropout must be in [0, 1), got {self.dropout!r}.")
         if self.lora_bias and self.use_dora:
             raise RuleError(f"Rule {self.label}: lora_bias=True is not supported with DoRA (PEFT refuses it too).")

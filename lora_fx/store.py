@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AdapterError
+from .errors import AdapterError, RuleError
 from .kinds import Kind
+from .passes.common import BANK
 from .rules import Rule
 
 
@@ -35,6 +36,10 @@ class LoraUnit(nn.Module):
                  device: torch.device) -> None:
         super().__init__()
         strategy.check(key, rule.use_dora, rule.lora_bias, rule.init)
+        sizes = (geometry.in_features, geometry.out_features)
+        if rule.r > max(sizes):  # checked before allocating: a huge r from a small config file never allocates
+            raise RuleError(f"Rule {rule.label}: r={rule.r} on {key!r} exceeds both its feature sizes {sizes}, so it "
+                            f"cannot add rank; use r <= {max(sizes)} (or rank_pattern for this key).")
         self.key, self.strategy, self.geometry = key, strategy, geometry
         self.r, self.alpha, self.use_rslora = rule.r, rule.alpha, rule.use_rslora
         self.init, self.use_dora, self.lora_bias = rule.init, rule.use_dora, rule.lora_bias
@@ -43,6 +48,7 @@ class LoraUnit(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=device))
         self.dropout = nn.Dropout(rule.dropout) if rule.dropout > 0 else nn.Identity()
         self.register_parameter("lora_magnitude_vector", None)  # DoRA's m, set by init_magnitude
+        self.routed = False  # its A and B are views of an adapter bank's slot, padded to the bank's rank
         self.lora_B_bias = (nn.Parameter(torch.zeros(shape_b[0], dtype=dtype, device=device)) if rule.lora_bias
                             else None)
         self.reset_parameters(rule.init)
@@ -98,6 +104,7 @@ class AdapterEntry(nn.Module):
         super().__init__()
         self.bias, self.unused_rules = bias, list(unused_rules)
         self.trainable = True  # load_adapter(..., is_trainable=False) keeps an active adapter frozen
+        self.svd_error: dict[str, float] = {}  # add_weighted_adapter's SVD types: key -> relative error
         self.by_key: dict[str, LoraUnit] = {}
         self.child: dict[str, str] = {}  # key -> child name
         taken = {"saved"}
@@ -116,6 +123,11 @@ class AdapterStore(nn.Module):
         super().__init__()
         self.active: list[str] = []
 
+    @property
+    def bank(self):
+        """The adapter bank (``bank.AdapterBank``) when adapters are routed per row, else None."""
+        return self._modules.get(BANK)
+
     def add(self, name: str, entry: AdapterEntry) -> None:
         check_adapter_name(name)
         if name in self._modules:
@@ -129,10 +141,10 @@ class AdapterStore(nn.Module):
 
     @property
     def names(self) -> list[str]:
-        return list(self._modules)
+        return [n for n in self._modules if n != BANK]
 
     def entry(self, name: str) -> AdapterEntry:
-        if name not in self._modules:
+        if name not in self._modules or name == BANK:
             raise AdapterError(f"No adapter named {name!r}; adapters: {self.names}.")
         return self._modules[name]
 
@@ -178,7 +190,7 @@ def check_adapter_name(name: str) -> None:
     """An adapter name is an identifier of at most 100 characters that no attribute of the store uses (it is a
     submodule name and, for PEFT's layout, a directory name); ``__base__`` means "no adapter"."""
     if not _RESERVED:
-        _RESERVED.update(dir(AdapterStore()), {"__base__"})
+        _RESERVED.update(dir(AdapterStore()), {"__base__", BANK})
     if not isinstance(name, str) or not name.isidentifier() or len(name) > 100 or name in _RESERVED:
         raise AdapterError(
             f"adapter_name {name!r} is not usable: use a Python identifier of at most 100 characters that is not "

@@ -50,16 +50,16 @@ def test_an_argument_the_model_does_not_take_is_named():
     class Plain(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc = torch.nn.Linear(4, 4)
+            self.fc = torch.nn.Linear(8, 8)
 
         def forward(self, x, scale=None):
             return self.fc(x) if scale is None else self.fc(x) * scale
 
-    model, x = Plain(), torch.randn(2, 4)
+    model, x = Plain(), torch.randn(2, 8)
     lm = lora_fx.lorafy(model, ["fc"], example_inputs=(x,))
     assert torch.equal(lm(x, scale=torch.tensor(2.0)), model(x, scale=torch.tensor(2.0)))  # a new combination
     with pytest.raises(lora_fx.CaptureError, match="no parameter 'bogus'.*x, scale"):
-        lm(torch.randn(2, 4), bogus=1)
+        lm(torch.randn(2, 8), bogus=1)
 
 
 def test_other_signatures_share_the_blocks_and_the_store():

@@ -46,13 +46,13 @@ class CNN(nn.Module):
         super().__init__()
         self.c1 = nn.Conv1d(3, 8, 3, stride=2, padding=1)
         self.c2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.c3 = nn.Conv3d(8, 4, (1, 3, 3), stride=(1, 2, 2))
-        self.head = nn.Linear(4, 3)
+        self.c3 = nn.Conv3d(8, 8, (1, 3, 3), stride=(1, 2, 2))
+        self.head = nn.Linear(8, 3)
 
     def forward(self, x):  # x: [B, 3, L]
         h = torch.relu(self.c1(x))  # [B, 8, L/2]
         h = torch.relu(self.c2(h.unsqueeze(-1) * h.unsqueeze(-2)))  # [B, 8, L/2, L/2]
-        h = self.c3(h.unsqueeze(2))  # [B, 4, 1, L/4, L/4]
+        h = self.c3(h.unsqueeze(2))  # [B, 8, 1, L/4, L/4]
         return self.head(h.mean((2, 3, 4)))
 
 

@@ -123,6 +123,11 @@ class Kind:
         kwargs=None)`` creates a tagged node."""
         raise NotImplementedError
 
+    def emit_routed(self, g: fx.Graph, geometry: Any, x: fx.Node, y: fx.Node, bank: tuple, new) -> fx.Node:
+        """One node computing ``y`` plus each row's own adapter's delta (``routing``); ``bank`` is the node tuple
+        ``(route, scales, A bank, B bank, A units, B units)``."""
+        raise NotImplementedError
+
     def emit_dora(self, g: fx.Graph, geometry: Any, x: fx.Node, y: fx.Node, w: fx.Node, bias: fx.Node | None,
                   params: dict[str, fx.Node], scaling: float, dropout: fx.Node | None, new) -> fx.Node:
         """One node computing PEFT's DoRA output from the base output ``y``."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from .. import ops
+from .. import ops, routing
 from .base import BiasRef, Kind
 
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -75,6 +75,11 @@ class ConvKind(Kind):
         x = self.padded(geometry, x, new)
         h = new("call_function", conv, (x, a, None, geometry.stride, geometry.padding, geometry.dilation), "lora_a")
         return new("call_function", conv, (h, b, b_bias), "lora_b")
+
+    def emit_routed(self, g, geometry, x, y, bank, new):
+        x = self.padded(geometry, x, new)
+        args = (x, y, *bank, geometry.stride, geometry.padding, geometry.dilation)
+        return new("call_function", routing.routed_conv, args, "lora_routed")
 
     def emit_dora(self, g, geometry, x, y, w, bias, params, scaling, dropout, new):
         x = self.padded(geometry, x, new)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import ops, routing
 from .base import Kind
 
 
@@ -74,6 +74,9 @@ class EmbeddingKind(Kind):
         b_t = new("call_method", "t", (b,), "lora_B_t")
         h = new("call_function", F.embedding, (idx, a_t), "lora_a", {"padding_idx": geometry.padding_idx})
         return new("call_function", operator.matmul, (h, b_t), "lora_b")
+
+    def emit_routed(self, g, geometry, idx, y, bank, new):
+        return new("call_function", routing.routed_embedding, (idx, y, *bank, geometry.padding_idx), "lora_routed")
 
     def emit_dora(self, g, geometry, x, y, w, bias, params, scaling, dropout, new):
         args = (x, y, w, params["lora_A"], params["lora_B"], params["lora_magnitude_vector"], scaling,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from .. import ops
+from .. import ops, routing
 from .base import BiasRef, Kind
 
 
@@ -48,6 +48,9 @@ class LinearKind(Kind):
     def emit(self, g, geometry, x, a, b, b_bias, name, new):
         h = new("call_function", F.linear, (x, a), "lora_a")
         return new("call_function", F.linear, (h, b, b_bias), "lora_b")
+
+    def emit_routed(self, g, geometry, x, y, bank, new):
+        return new("call_function", routing.routed_linear, (x, y, *bank), "lora_routed")
 
     def emit_dora(self, g, geometry, x, y, w, bias, params, scaling, dropout, new):
         args = (x, y, w, bias, params["lora_A"], params["lora_B"], params["lora_magnitude_vector"], scaling,

@@ -20,6 +20,7 @@ from typing import Any
 from torch import fx
 
 TAG = "lora_fx"
+BANK = "__bank__"  # the adapter bank's name in the store (``store.BANK``)
 
 
 def new_node(graph: fx.Graph, op: str, target: Any, args: tuple, name: str, tag: dict[str, Any],
@@ -61,6 +62,22 @@ class StoreInputs:
     def dropout(self, adapter: str, target) -> str:
         return f"{self._unit(adapter, target)}.dropout"
 
+    def bank(self, key: str, what: str) -> fx.Node:
+        """A bank tensor of ``key`` (``A``, ``B``, ``scales``) or the route (``what="route"``, read once)."""
+        if what == "route" and "\0route" in self._weights:
+            return self._weights["\0route"]
+        path = f"{self.store_name}.{BANK}.{self.store.bank.attr(key, what)}"
+        if what != "route":
+            return new_node(self.graph, "get_attr", path, (), ident(f"{key}_bank_{what}"), {"role": "input"})
+        last = [n for n in self.graph.nodes if n.op == "placeholder"]
+        with self.graph.inserting_after(last[-1]) if last else self.graph.inserting_before(None):
+            node = new_node(self.graph, "get_attr", path, (), "lora_route", {"role": "input"})
+        self._weights["\0route"] = node
+        return node
+
+    def bank_dropout(self, key: str) -> str:
+        return f"{self.store_name}.{BANK}.{self.store.bank.dropout_path(key)}"
+
     def weight(self, target) -> fx.Node | None:
         path = self.untied.get(target.key)
         if path is None:
@@ -96,6 +113,21 @@ class BlockInputs:
     def dropout(self, adapter: str, target) -> str:
         name = ident(f"{adapter}__{target.key}")
         self.dropouts.append((adapter, target.key, name))
+        return f"lora_dropout.{name}"
+
+    def bank(self, key: str, what: str) -> fx.Node:
+        """A bank tensor of ``key`` as a placeholder (order entry ``(BANK, key, what)``); the route once."""
+        if what == "route" and "\0route" in self._weights:
+            return self._weights["\0route"]
+        self.order.append((BANK, key, what))
+        node = self._placeholder(ident(f"bank__{key}__{what}") if what != "route" else "bank__route")
+        if what == "route":
+            self._weights["\0route"] = node
+        return node
+
+    def bank_dropout(self, key: str) -> str:
+        name = ident(f"bank__{key}")
+        self.dropouts.append((BANK, key, name))
         return f"lora_dropout.{name}"
 
     def weight(self, target) -> fx.Node | None:

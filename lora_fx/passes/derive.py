@@ -23,8 +23,9 @@ from torch import fx, nn
 from ..blocks import Program
 from ..targets import Target
 from .branches import insert_plain
-from .common import BlockInputs, StoreInputs, copy_graph
+from .common import BANK, BlockInputs, StoreInputs, copy_graph
 from .fuse import fusable, fuse_linear
+from .routed import insert_routed
 from .saved import swap_saved
 
 if TYPE_CHECKING:
@@ -44,10 +45,15 @@ class Rewrite:
 
 
 def derive(cap: Captured, rw: Rewrite) -> list[dict]:
-    """Rebuild every graph from the pristine ones; returns one record per (key, adapter) branch."""
-    units = {a: rw.store.units(a) for a in rw.live}
+    """Rebuild every graph from the pristine ones; returns one record per (key, adapter) branch. With an adapter
+    bank every adapter in it is routed (``live`` is ignored): one ``(adapter, unit or None)`` per slot."""
+    bank = rw.store.bank
+    slots = bank.slots if bank is not None else rw.live
+    units = {a: rw.store.units(a) for a in slots}
 
     def branches_for(key: str) -> list:
+        if bank is not None:
+            return [(a, units[a].get(key)) for a in slots] if key in bank.stems else []
         return [(a, units[a][key]) for a in rw.live if key in units[a]]
 
     records: list[dict] = []
@@ -55,7 +61,8 @@ def derive(cap: Captured, rw: Rewrite) -> list[dict]:
     g = copy_graph(cap.graph)
     inputs = StoreInputs(g, rw.store_name, rw.store, rw.untied)
     outer = [t for t in cap.targets if isinstance(t, Target) and not t.block]
-    records += rewrite_graph(g, outer, lambda t: branches_for(t.key), inputs, cap.graph_module, rw.fuse)
+    records += rewrite_graph(g, outer, lambda t: branches_for(t.key), inputs, cap.graph_module, rw.fuse,
+                             bank is not None)
     swap_saved(g, rw.saved)
     _wire_block_calls(g, rw, {path: inputs.order for path, (_, inputs, _) in assignments.items()}, cap.key_prefix)
     g.lint()
@@ -71,8 +78,9 @@ def derive(cap: Captured, rw: Rewrite) -> list[dict]:
 
 
 def rewrite_graph(graph: fx.Graph, targets: list[Target], branches_for: Callable, inputs, root: nn.Module,
-                  fuse: bool) -> list[dict]:
-    """Untie, insert and fuse the branches of ``targets`` in ``graph`` (a fresh copy); ``root`` resolves weights."""
+                  fuse: bool, routed: bool = False) -> list[dict]:
+    """Untie, insert and fuse the branches of ``targets`` in ``graph`` (a fresh copy); ``root`` resolves weights.
+    ``routed``: each target's branches are the bank's slots, inserted as one routed node."""
     nodes = {n.name: n for n in graph.nodes}
     fused, records = [], []
     for t in targets:
@@ -80,6 +88,11 @@ def rewrite_graph(graph: fx.Graph, targets: list[Target], branches_for: Callable
         _untie(graph, t, node, inputs)
         branches = branches_for(t)
         if not branches:
+            continue
+        if routed:
+            insert_routed(graph, t, node, branches, inputs)
+            records += [{"key": t.key, "adapter": a, "form": "routed", "group": None, "dropout": u.dropout_p > 0}
+                        for a, u in branches if u is not None]
             continue
         base_dtype = root.get_parameter(t.weight).dtype
         if fuse and len(branches) == 1 and fusable(t, branches[0][1], base_dtype):
@@ -121,11 +134,12 @@ def _derive_blocks(cap: Captured, rw: Rewrite, branches_for: Callable, records: 
         if signature not in programs:
             g = copy_graph(t.graph)
             inputs = BlockInputs(g, {x.key for x in targets if full[x.key] in rw.untied})
-            recs = rewrite_graph(g, targets, lambda x, full=full: branches_for(full[x.key]), inputs, block, rw.fuse)
+            recs = rewrite_graph(g, targets, lambda x, full=full: branches_for(full[x.key]), inputs, block, rw.fuse,
+                                 rw.store.bank is not None)
             g.lint()
             programs[signature] = (Program(g, f"block {t.id}"), inputs, recs)
         program, inputs, recs = programs[signature]
-        dropouts = nn.ModuleDict({name: rw.store.unit(a, f"{cap.key_prefix}{path}.{rel}").dropout
+        dropouts = nn.ModuleDict({name: _dropout(rw.store, a, f"{cap.key_prefix}{path}.{rel}")
                                   for a, rel, name in inputs.dropouts})
         assignments[path] = (program, inputs, dropouts)
         records += [{**r, "key": f"{cap.key_prefix}{path}.{r['key']}", "group": r["group"] and f"{path}/{r['group']}"}
@@ -133,8 +147,16 @@ def _derive_blocks(cap: Captured, rw: Rewrite, branches_for: Callable, records: 
     return assignments
 
 
+def _dropout(store: nn.Module, adapter: str, key: str) -> nn.Module:
+    return store.bank.get_submodule(store.bank.dropout_path(key)) if adapter == BANK else store.unit(adapter,
+                                                                                                      key).dropout
+
+
 def _branch_signature(adapter: str, unit, block: nn.Module, t: Target) -> tuple:
-    """What a branch's nodes depend on: two blocks whose branches agree on all of this share one program."""
+    """What a branch's nodes depend on: two blocks whose branches agree on all of this share one program (a
+    routed branch reads its scalings and dropout from the bank: only the slots present matter)."""
+    if unit is None or unit.routed:
+        return (adapter, unit is not None)
     return (adapter, unit.use_dora, unit.lora_bias, unit.dropout_p > 0, unit.lora_A.dtype, float(unit.scaling),
             block.get_parameter(t.weight).dtype)
 
@@ -149,7 +171,11 @@ def _wire_block_calls(graph: fx.Graph, rw: Rewrite, inputs_of: dict[str, list], 
         with graph.inserting_before(node):
             for adapter, rel, attr in order:
                 key = f"{key_prefix}{node.target}.{rel}"
-                path = (rw.untied[key] if adapter is None
-                        else f"{rw.store_name}.{rw.store.unit_path(adapter, key)}.{attr}")
+                if adapter is None:
+                    path = rw.untied[key]
+                elif adapter == BANK:
+                    path = f"{rw.store_name}.{BANK}.{rw.store.bank.attr(key, attr)}"
+                else:
+                    path = f"{rw.store_name}.{rw.store.unit_path(adapter, key)}.{attr}"
                 extra.append(graph.get_attr(path))
         node.args = (*node.args, *extra)

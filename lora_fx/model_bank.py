@@ -86,7 +86,9 @@ class BankMixin:
     def _restack(self) -> None:
         """Rebuild a stale bank (adapters added or deleted, units moved by ``.to()``) before deriving graphs."""
         bank = self.adapters.bank
-        if bank is not None and not self._bank_current():
+        if bank is not None and not self.adapters.names:  # the last adapter was deleted: nothing to route
+            del self.adapters._modules[BANK]
+        elif bank is not None and not self._bank_current():
             largest = max((u.r for _, u in self.adapters.iter_units()), default=bank.max_rank)
             self.adapters._modules[BANK] = build_bank(self.adapters, max(bank.max_rank, largest))
 

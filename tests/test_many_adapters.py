@@ -164,6 +164,11 @@ def test_bank_lifecycle_save_remove_merge_and_dtype(tmp_path):
     assert lm.adapter_bank.slots == ["default", "b", "c"]
     lm.remove_adapter_bank()
     assert lm.unit("model.layers.0.self_attn.q_proj", "b").lora_A.shape[0] == 8
+    other = _two(c)
+    other.build_adapter_bank()
+    for name in ("b", "default"):
+        other.delete_adapter(name)  # the last one takes the bank with it
+    assert other.adapter_bank is None
     with torch.no_grad():
         assert rel_err(lm(ids).logits, want) < 1e-6
     lm.merge()

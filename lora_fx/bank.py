@@ -57,7 +57,6 @@ class AdapterBank(nn.Module):
         super().__init__()
         self.slots, self.max_rank = list(slots), max_rank
         self.stems: dict[str, str] = {}  # key -> buffer stem
-        self.presence: dict[str, tuple[bool, ...]] = {}  # key -> which slots have it
         self.dropouts = nn.ModuleDict()
         self.register_buffer("route", torch.full((1,), len(slots), dtype=torch.long), persistent=False)
 
@@ -162,7 +161,6 @@ def build_bank(store, max_rank: int | None = None) -> AdapterBank:
             stem += "_"
         taken.add(stem)
         bank.stems[key] = stem
-        bank.presence[key] = tuple(u is not None for u in units)
         _stack(bank, stem, units, rank)
     bank.sync(store)
     return bank

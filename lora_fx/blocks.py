@@ -164,6 +164,21 @@ def bind_block(block: Block, member: nn.Module, template: Template, keep: bool =
         _copy_attr(source, block, node.target)
 
 
+def install_blocks(gm: nn.Module, model: nn.Module, templates: dict[str, Template]) -> dict[str, Block]:
+    """One ``Block`` per member of each template, bound to the model's layer and put at its path in ``gm``;
+    the members of a template share one Program of its pristine graph."""
+    blocks = {}
+    for t in templates.values():
+        program = Program(t.graph)
+        for path in t.members:
+            block = Block(path, t.id)
+            bind_block(block, model.get_submodule(path), t)
+            block.set_program(program)
+            set_submodule(gm, path, block)
+            blocks[path] = block
+    return blocks
+
+
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     """``root.<path> = module``, creating empty container modules on the way."""
     owner = root

@@ -24,7 +24,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from ..blocks import Block, Program, Template, bind_block, set_submodule
+from ..blocks import Template, install_blocks
 from .exporting import export_program, has_active_dropout, no_kv_cache
 from .outline import MARK_IN, MARK_OUT, OutlineError, outline
 from .repeats import repeated_blocks
@@ -221,15 +221,7 @@ def _install(gm: fx.GraphModule, model: nn.Module, groups: list[_Group], calls: 
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
-    blocks = {}
-    for t in templates.values():
-        program = Program(t.graph)
-        for path in t.members:
-            block = Block(path, t.id)
-            bind_block(block, model.get_submodule(path), t)
-            block.set_program(program)
-            set_submodule(gm, path, block)
-            blocks[path] = block
+    blocks = install_blocks(gm, model, templates)
     graph.lint()
     gm.recompile()
     return templates, blocks

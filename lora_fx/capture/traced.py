@@ -16,7 +16,7 @@ import inspect
 
 from torch import fx, nn
 
-from ..blocks import Block, Program, Template, bind_block, set_submodule
+from ..blocks import Block, Template, install_blocks
 from .repeats import repeated_blocks
 
 
@@ -42,15 +42,7 @@ def trace_with_blocks(model: nn.Module) -> tuple[fx.GraphModule, dict[str, Templ
         if node.op == "call_module" and node.target in members:
             node.args, node.kwargs = _positional(model.get_submodule(node.target), node.args, node.kwargs), {}
     gm.recompile()
-    blocks = {}
-    for t in templates.values():
-        program = Program(t.graph)
-        for path in t.members:
-            block = Block(path, t.id)
-            bind_block(block, model.get_submodule(path), t)
-            block.set_program(program)
-            set_submodule(gm, path, block)
-            blocks[path] = block
+    blocks = install_blocks(gm, model, templates)
     return gm, templates, blocks
 
 

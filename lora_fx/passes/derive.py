@@ -148,8 +148,10 @@ def _derive_blocks(cap: Captured, rw: Rewrite, branches_for: Callable, records: 
 
 
 def _dropout(store: nn.Module, adapter: str, key: str) -> nn.Module:
-    return store.bank.get_submodule(store.bank.dropout_path(key)) if adapter == BANK else store.unit(adapter,
-                                                                                                      key).dropout
+    """The dropout module a block's program calls: the unit's, or the bank's per-row one for a routed key."""
+    if adapter == BANK:
+        return store.bank.get_submodule(store.bank.dropout_path(key))
+    return store.unit(adapter, key).dropout
 
 
 def _branch_signature(adapter: str, unit, block: nn.Module, t: Target) -> tuple:

@@ -106,5 +106,34 @@ def report(name: str, rows: list[dict], meta: dict) -> None:
     print(f"wrote {out}")
 
 
+def step_peak_mib(step: Callable[[], object], steps: int = 3) -> float:
+    """Peak resident set above the one before the first step, in MiB, sampled every millisecond over ``steps``
+    calls of ``step`` (freed memory is released to the OS first). Run it in a fresh process per variant."""
+    import ctypes
+    import ctypes.util
+    import gc
+    import threading
+
+    import psutil
+
+    gc.collect()
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    proc = psutil.Process()
+    rss0, peak, done = proc.memory_info().rss, [0], [False]
+
+    def sample():
+        while not done[0]:
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    for _ in range(steps):
+        step()
+    done[0] = True
+    t.join()
+    return (peak[0] - rss0) / 2**20
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -9,23 +9,17 @@ RSS before the first step, in MiB (activations, gradients, optimizer state, allo
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import json
 import subprocess
 import sys
-import threading
-import time
 
 import torch
-from common import steady_malloc
+from common import steady_malloc, step_peak_mib
 
 VARIANTS = ["base (frozen, floor)", "PEFT eager", "lora_fx eager"]
 
 
 def child(name: str) -> None:
-    import psutil
     from train_step import build
 
     torch.set_num_threads(2)
@@ -33,23 +27,7 @@ def child(name: str) -> None:
     variants, _ = build("cpu", torch.float32, {}, 4, 128, compile_=False)
     step = variants[name]
     del variants
-    gc.collect()
-    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    proc = psutil.Process()
-    rss0, peak, done = proc.memory_info().rss, [0], [False]
-
-    def sample():
-        while not done[0]:
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.001)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    for _ in range(3):
-        step()
-    done[0] = True
-    t.join()
-    print(json.dumps({"variant": name, "step_peak_mib": (peak[0] - rss0) / 2**20, "steady_malloc": steady}))
+    print(json.dumps({"variant": name, "step_peak_mib": step_peak_mib(step), "steady_malloc": steady}))
 
 
 def main() -> None:

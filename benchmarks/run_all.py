@@ -18,7 +18,8 @@ def main() -> int:
     rounds = ["--rounds", "6"] if quick else []
     for script, args in [("train_step.py", rounds), ("forward.py", rounds), ("memory.py", []),
                          ("compile_time.py", []), ("blocks.py", rounds), ("generate.py", rounds),
-                         ("ecosystem.py", rounds), ("many_adapters.py", rounds)]:
+                         ("ecosystem.py", rounds), ("many_adapters.py", rounds),
+                         ("qlora.py", rounds)]:
         print(f"\n=== {script} ===", flush=True)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-W", "ignore", str(HERE / script), *args], check=True)

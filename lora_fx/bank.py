@@ -122,6 +122,12 @@ def bank_refusal(store, names: list[str]) -> str | None:
             return (f"adapter {name!r} trains base modules (modules_to_save or bias={entry.bias!r}), which every "
                     "row would share; routed adapters must be LoRA weights only")
         for unit in entry.by_key.values():
+            if unit.slices:
+                return (f"adapter {name!r} has output slices on {unit.key!r}, which the bank does not route; "
+                        "merge or drop it first")
+            if getattr(unit.geometry, "left", False):
+                return (f"adapter {name!r} targets {unit.key!r}, whose weight is the left operand of a matmul "
+                        "(W @ x); the bank routes rows of x @ W forms only")
             if unit.use_dora or unit.lora_bias:
                 return (f"adapter {name!r} uses {'DoRA' if unit.use_dora else 'lora_bias'} on {unit.key!r}, which "
                         "the bank does not route; merge or drop it first")

@@ -54,8 +54,8 @@ def adapter_dir(path: str | os.PathLike, adapter_name: str) -> Path:
 def peft_config_dict(units: list[LoraUnit], fan_in_fan_out: bool, base_model: str | None,
                      bias: str = "none") -> dict[str, Any]:
     """A LoraConfig dict that makes PEFT build exactly these units (per-key r/alpha as patterns)."""
-    r = Counter(u.r for u in units).most_common(1)[0][0]
-    alpha = Counter(u.alpha for u in units).most_common(1)[0][0]
+    r = Counter(u.peft_r for u in units).most_common(1)[0][0]
+    alpha = Counter(u.peft_alpha for u in units).most_common(1)[0][0]
     dropouts = Counter(u.dropout_p for u in units)
     if len(dropouts) > 1:
         warnings.warn(f"PEFT has one lora_dropout per adapter; saving the most common of {sorted(dropouts)}.",
@@ -68,8 +68,8 @@ def peft_config_dict(units: list[LoraUnit], fan_in_fan_out: bool, base_model: st
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.most_common(1)[0][0],
         "target_modules": sorted(u.key for u in units), "exclude_modules": None,
-        "rank_pattern": {u.key: u.r for u in units if u.r != r},
-        "alpha_pattern": {u.key: u.alpha for u in units if u.alpha != alpha},
+        "rank_pattern": {u.key: u.peft_r for u in units if u.peft_r != r},
+        "alpha_pattern": {u.key: u.peft_alpha for u in units if u.peft_alpha != alpha},
         "fan_in_fan_out": fan_in_fan_out, "bias": bias, "use_rslora": rslora.pop(), "use_dora": dora.pop(),
         "modules_to_save": None, "init_lora_weights": _init_for_peft(units), "layers_to_transform": None,
         "layers_pattern": None,
@@ -100,7 +100,8 @@ def prepare_dir(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
 
 
-def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
+                 metadata: dict[str, str] | None = None) -> None:
     """Write one adapter's tensors (by PEFT name) and config into ``directory`` (created if needed) so that no
     crash leaves a loadable mismatched pair: both files are written to temporary names first; then the old
     config is removed, the weights renamed into place, and the config last. A crash in between leaves no
@@ -109,7 +110,8 @@ def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
     prepare_dir(directory)
     clean_stale(directory)
-    weights = temp_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    metadata = {"format": "pt", **(metadata or {})}
+    weights = temp_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
     try:
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         config_tmp = temp_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
@@ -213,6 +215,7 @@ def check_and_copy(units: list[LoraUnit], tensors: dict[str, torch.Tensor], sour
     them in; nothing is copied unless everything fits."""
     expected = {name: p for unit in units for name, p in unit_tensors(unit).items()}
     expected.update(extra or {})
+    tensors = packed_slices(units, tensors, source)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
@@ -231,3 +234,63 @@ def check_and_copy(units: list[LoraUnit], tensors: dict[str, torch.Tensor], sour
     with torch.no_grad():
         for name, param in expected.items():
             param.copy_(tensors[name])
+
+
+# ---- output slices: saved as PEFT's whole-layer LoRA, with the slices in the safetensors metadata ------------
+
+SLICES_META = "lora_fx.out_slices"
+
+
+def _b_name(unit: LoraUnit) -> str:
+    return f"{PREFIX}{unit.key}.{unit.strategy.peft_b}"
+
+
+def slices_metadata(units: list[LoraUnit]) -> dict[str, str]:
+    """The safetensors metadata that lets lora_fx read sliced units back with their slices (PEFT ignores it)."""
+    sliced = {u.key: {"slices": [list(p) for p in u.slices], "r": u.r, "alpha": u.alpha} for u in units if u.slices}
+    return {SLICES_META: json.dumps(sliced, sort_keys=True)} if sliced else {}
+
+
+def whole_layer(units: list[LoraUnit], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with each sliced unit's packed B replaced by PEFT's whole-layer B (``sliced_b``)."""
+    from .kinds.linear import sliced_b
+    out = dict(tensors)
+    for u in units:
+        if u.slices and _b_name(u) in out:
+            out[_b_name(u)] = sliced_b(out[_b_name(u)], u.slices, u.geometry.out_features)
+    return out
+
+
+def packed_slices(units: list[LoraUnit], tensors: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """``tensors`` with each sliced unit's whole-layer B packed to its slices; a B with values outside the
+    slices is refused (it is not the sliced adapter this model holds)."""
+    from .kinds.linear import packed_b, sliced_b
+    out = dict(tensors)
+    for u in units:
+        name = _b_name(u)
+        if not u.slices or name not in out:
+            continue
+        full, want = out[name], (u.geometry.out_features, u.peft_r)
+        if tuple(full.shape) != want:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(full.shape)}; {u.key!r} has output "
+                                  f"slices {u.slices} of rank {u.r}, whose whole-layer B is {want}.")
+        packed = packed_b(full, u.slices)
+        if not torch.equal(sliced_b(packed, u.slices, want[0]), full):
+            raise CheckpointError(f"{source}: tensor {name!r} has values outside the output slices {u.slices} of "
+                                  f"{u.key!r}; it is a whole-layer adapter. Load it without out_slices.")
+        out[name] = packed
+    return out
+
+
+def read_slices(directory: Path) -> dict[str, dict[str, Any]]:
+    """The output slices recorded in an adapter's safetensors metadata (key -> slices, r, alpha); {} if none."""
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        return {}
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            text = (f.metadata() or {}).get(SLICES_META)
+        return json.loads(text) if text else {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable lora_fx metadata ({e}); re-save the adapter.") from None

@@ -71,6 +71,13 @@ def fold(cap: Captured, targets: dict[str, list[Target]], units_by_key: dict[str
     plans = []
     for key, units in units_by_key.items():
         ts = targets[key]
+        quant = getattr(ts[0].geometry, "quant", "")
+        if quant:
+            raise MergeError(
+                f"{key!r} has a quantized base ({quant}): merging would requantize W + s·B A and lose the update's "
+                "precision. Merge onto the full-precision model instead: save_pretrained(dir), then `lora-fx merge "
+                "--base <full-precision model> --adapter dir --out merged` (or from_peft on that model and "
+                "merge_and_unload()).")
         w = gm.get_parameter(ts[0].weight_path)
         dtype = merge_dtype(w.dtype)
         delta = sum(u.delta_weight(dtype) for _, u in units)

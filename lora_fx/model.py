@@ -35,7 +35,7 @@ from .passes import Rewrite, derive
 from .peft_compat import PeftCompatMixin
 from .rules import RuleLike, as_ruleset, resolve_for_model
 from .store import AdapterEntry, AdapterStore, LoraUnit, adapter_dtype, check_adapter_name
-from .targets import Target
+from .targets import Target, base_weight, compute_dtype
 
 
 class LoraModel(CallsMixin, BankMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Module):
@@ -139,9 +139,9 @@ class LoraModel(CallsMixin, BankMixin, CheckpointMixin, ReportMixin, PeftCompatM
         units, residuals, first = [], [], matched.first
         for key, rule in matched.rules_by_key.items():
             t = first[key]
-            weight = self.graph_module.get_parameter(t.weight_path)
+            weight = base_weight(self.graph_module, t.weight_path)
             unit = LoraUnit(key, t.strategy, t.geometry, rule, device=weight.device,
-                            dtype=adapter_dtype(weight.dtype, autocast_adapter_dtype))
+                            dtype=adapter_dtype(compute_dtype(t, weight), autocast_adapter_dtype))
             if rule.use_dora:
                 if unit.lora_A.dtype != weight.dtype:
                     raise AdapterError(f"DoRA on {key!r} needs adapters in the base weight's dtype ({weight.dtype}); "

@@ -129,9 +129,9 @@ class BankMixin:
             if getattr(entry, "saved", None) is not None:
                 raise AdapterError(f"Adapter {name!r} has modules_to_save copies, which cannot be combined.")
             for key, unit in entry.by_key.items():
-                if unit.use_dora or unit.lora_bias:
-                    raise AdapterError(f"Adapter {name!r} uses DoRA or lora_bias on {key!r}; a weighted combination "
-                                       "takes plain LoRA adapters.")
+                if unit.use_dora or unit.lora_bias or unit.slices:
+                    raise AdapterError(f"Adapter {name!r} uses DoRA, lora_bias or out_slices on {key!r}; a weighted "
+                                       "combination takes plain whole-layer LoRA adapters.")
                 keys.setdefault(key, []).append((float(w), unit))
         results = {key: combine(parts, combination_type, svd_rank, density, majority_sign_method)
                    for key, parts in keys.items()}

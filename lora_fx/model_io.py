@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .checkpoint import (
@@ -25,12 +26,24 @@ from .checkpoint import (
     full_tensor,
     peft_config_dict,
     read_config,
+    read_slices,
     read_tensors,
     save_adapter,
+    slices_metadata,
     strip_adapter_name,
     unit_tensors,
+    whole_layer,
 )
-from .peft_config import ruleset_from_peft_config
+from .errors import CheckpointError
+from .peft_config import ruleset_from_peft_config, with_slices
+from .peft_extras import (
+    copy_weights,
+    drop_mha_out_proj,
+    embedding_tensors,
+    embedding_weights,
+    mha_out_proj_zeros,
+    refuse_mha_out_proj,
+)
 
 
 class CheckpointMixin:
@@ -64,11 +77,14 @@ class CheckpointMixin:
 
     def save_pretrained(self, path: str | os.PathLike, adapter_name: str | Iterable[str] | None = None, *,
                         selected_adapters: Iterable[str] | None = None, state_dict: dict | None = None,
-                        is_main_process: bool = True, **_: Any) -> None:
+                        is_main_process: bool = True, save_embedding_layers: bool | str = "auto",
+                        **_: Any) -> None:
         """Write adapters in PEFT's format (``default`` in ``path``, others in ``path/<name>``); all of them, or
         ``adapter_name`` / ``selected_adapters``. Sharded (FSDP2) adapters are gathered first, on every rank;
         only ``is_main_process`` writes. ``state_dict`` (this model's, as ``Trainer`` passes it) supplies the
-        values when given."""
+        values when given. ``save_embedding_layers``: PEFT's rule (``peft_extras``): "auto" saves the embedding
+        base weights when ``embed_tokens`` / ``lm_head`` is a target. LoRA on a MultiheadAttention's out_proj is
+        refused (PEFT would ignore it)."""
         chosen = adapter_name if adapter_name is not None else selected_adapters
         names = self.adapters.names if chosen is None else ([chosen] if isinstance(chosen, str) else list(chosen))
         native = {id(t): n for n, t in (*self.named_parameters(), *self.named_buffers())} if state_dict else {}
@@ -76,10 +92,21 @@ class CheckpointMixin:
         for name in names:
             tensors = {peft_name: full_tensor(state_dict.get(native.get(id(p)), p) if state_dict else p)
                        for peft_name, p in self._adapter_tensors(name).items()}
-            jobs.append((adapter_dir(path, name), tensors, self._peft_config(name)))
+            units = list(self.adapters.units(name).values())
+            keys = {u.key for u in units}
+            refuse_mha_out_proj(self._captured.source, keys)
+            embeddings = embedding_tensors(self._captured.source, keys, save_embedding_layers, self.graph_module)
+            if embeddings and self._merge is not None:
+                raise CheckpointError(f"Saving embedding base weights while {self._merge.adapters} is merged would "
+                                      "save merged weights as the base; unmerge() first, or save_embedding_layers="
+                                      "False.")
+            tensors.update({n: full_tensor(p) for n, p in embeddings.items()})
+            tensors.update(mha_out_proj_zeros(self._captured.source, units))
+            jobs.append((adapter_dir(path, name), whole_layer(units, tensors), self._peft_config(name),
+                         slices_metadata(units)))
         if is_main_process:
-            for directory, tensors, config in jobs:
-                save_adapter(directory, tensors, config)
+            for directory, tensors, config, metadata in jobs:
+                save_adapter(directory, tensors, config, metadata)
 
     def _peft_config(self, name: str) -> dict[str, Any]:
         """The adapter_config.json PEFT needs to rebuild adapter ``name``."""
@@ -114,15 +141,26 @@ class CheckpointMixin:
         config = read_config(directory)
         tensors = strip_adapter_name(read_tensors(directory, allow_pickle), adapter_name)
         check_finite(tensors, directory / WEIGHTS_NAME, strict_finite)
+        tensors = drop_mha_out_proj(tensors, self._captured.source, directory / WEIGHTS_NAME)
+        tensors, embeddings = embedding_weights(tensors, self._captured.source, self.graph_module,
+                                                directory / WEIGHTS_NAME, config.get("modules_to_save"))
+        changed = [(p, v) for p, v in embeddings if not torch.equal(p.detach().cpu(), v.to(p.dtype))]
+        if changed and (hotswap or self._merge is not None):
+            raise CheckpointError(f"{directory / WEIGHTS_NAME} holds embedding base weights that differ from the "
+                                  "model's; " + ("a hot swap changes adapters only" if hotswap else
+                                                 f"unmerge() {self._merge.adapters} first") + ". Load it as a new "
+                                  "adapter (or re-save it with save_embedding_layers=False if the base is the same).")
         if hotswap:
             self._hotswap(directory, adapter_name, config, tensors)
             return
         if adapter_name in self.adapters.names:
             check_and_copy(list(self.adapters.units(adapter_name).values()), tensors, directory / WEIGHTS_NAME,
                            self._extra_tensors(adapter_name))
+            copy_weights(changed)
             self._trainable(adapter_name, is_trainable)
             return
-        undo = self._add(adapter_name, ruleset_from_peft_config(config), autocast_adapter_dtype=True)
+        ruleset = with_slices(ruleset_from_peft_config(config), read_slices(directory))
+        undo = self._add(adapter_name, ruleset, autocast_adapter_dtype=True)
         try:
             check_and_copy(list(self.adapters.units(adapter_name).values()), tensors, directory / WEIGHTS_NAME,
                            self._extra_tensors(adapter_name))
@@ -130,6 +168,7 @@ class CheckpointMixin:
         except BaseException:
             self._discard_adapter(adapter_name, undo)  # PiSSA/OLoRA residuals written by _add go back too
             raise
+        copy_weights(changed)  # PEFT's saved embedding base weights replace the model's, as PEFT loads them
         self._trainable(adapter_name, is_trainable)
 
     def _trainable(self, name: str, trainable: bool) -> None:

@@ -45,12 +45,18 @@ class ReportMixin:
                       else "lora" if name in self.adapters.active else "inactive")
             suffix = (" (untied copy)" if name in merged and unit.key in untied
                       else " (shared weight)" if t.shared else "")
-            rows.append({
+            row = {
                 "adapter": name, "key": unit.key, "kind": unit.kind, "node": ",".join(x.node for x in ts),
                 "op": t.op, "in": t.in_features, "out": t.out_features, "r": unit.r, "alpha": unit.alpha,
                 "scaling": round(unit.scaling, 6), "dropout": unit.dropout_p, "block": t.block or None,
                 "params": sum(p.numel() for p in unit.parameters()), "action": action + suffix,
-            })
+            }
+            if not unit.slices:
+                rows.append(row)
+                continue
+            for start, stop in unit.slices:  # one row per output slice, with its own A and B
+                rows.append({**row, "key": f"{unit.key}[{start}:{stop}]", "out": stop - start,
+                             "params": unit.r * (t.in_features + stop - start)})
         trainable, total = self.get_nb_trainable_parameters()
         unused = [f"{r} [{a}]" for a in self.adapters.names for r in self.adapters.entry(a).unused_rules]
         passes = passes_summary(self._records)

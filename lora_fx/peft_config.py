@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from .errors import RuleError
@@ -89,6 +90,22 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
                    layers_pattern=tuple(pattern) if pattern else None, exclude_output_layer=all_linear,
                    bias=c.get("bias", "none") or "none",
                    modules_to_save=tuple(c["modules_to_save"]) if c.get("modules_to_save") else None)
+
+
+def with_slices(ruleset: RuleSet, sliced: Mapping[str, Mapping[str, Any]]) -> RuleSet:
+    """``ruleset`` with the output-sliced keys a lora_fx checkpoint records (``checkpoint.read_slices``) first:
+    each gets its own rule and its own rank/alpha pattern, ahead of the whole-layer rank PEFT's config names."""
+    if not sliced:
+        return ruleset
+    base = next(rule for rule in reversed(ruleset.rules) if not rule.exclude)
+    rules, ranks, alphas = [], {}, {}
+    for key, s in sliced.items():
+        exact = re.escape(key)
+        rules.append(replace(base, match="re:" + exact, kinds=None, r=s["r"], alpha=s["alpha"],
+                             out_slices=tuple(tuple(p) for p in s["slices"])))
+        ranks[exact], alphas[exact] = s["r"], s["alpha"]
+    return replace(ruleset, rules=[*rules, *ruleset.rules], rank_pattern={**ranks, **ruleset.rank_pattern},
+                   alpha_pattern={**alphas, **ruleset.alpha_pattern})
 
 
 def _number(value: Any) -> bool:

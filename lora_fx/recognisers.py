@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .kinds import CONV, EMBEDDING, LINEAR, BiasRef, ConvGeometry, EmbeddingGeometry, LinearGeometry
+from .quantized import OPS as QUANT_OPS
+from .quantized import QuantLinear
 from .targets import Context, Target, Unsupported, arg, recogniser
 
 aten = torch.ops.aten
@@ -58,32 +60,105 @@ _MATMUL_FNS = {
     aten.mm.default: "aten.mm", aten.matmul.default: "aten.matmul",
 }
 _ADDMM_FNS = {torch.addmm: "torch.addmm", aten.addmm.default: "aten.addmm"}
+_T_FNS = (torch.t, aten.t.default, aten.numpy_T.default, aten.mT.default, aten.adjoint.default)
+_SWAP_FNS = (torch.transpose, aten.transpose.int)
+_PERMUTE_FNS = (torch.permute, aten.permute.default)
+
+
+def _swaps_2d(dims) -> bool:
+    """Whether ``dims`` (a transpose pair or a permutation) swaps the two axes of a 2-D tensor."""
+    return all(isinstance(d, int) for d in dims) and [d % 2 for d in dims] == [1, 0]
+
+
+def transposed_of(node) -> fx.Node | None:
+    """The node ``node`` transposes when it is a 2-D transpose (``W.T``, ``W.mT``, ``W.t()``,
+    ``W.transpose(0, 1)``, ``W.permute(1, 0)``, ``aten.t``/``numpy_T``/``transpose``/``permute``), else None."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    src, rest = node.args[0], tuple(node.args[1:])
+    if node.op == "call_function" and node.target is getattr:
+        return src if rest in (("T",), ("mT",)) else None
+    if node.op == "call_method":
+        swap = node.target in ("t", "adjoint") and not rest
+        swap = swap or (node.target == "transpose" and len(rest) == 2 and _swaps_2d((rest[1], rest[0])))
+        swap = swap or (node.target == "permute" and _swaps_2d(rest[0] if len(rest) == 1 else rest))
+        return src if swap else None
+    if node.op != "call_function":
+        return None
+    if node.target in _T_FNS:
+        return src
+    if node.target in _SWAP_FNS and len(rest) == 2 and _swaps_2d((rest[1], rest[0])):
+        return src
+    if node.target in _PERMUTE_FNS and rest and _swaps_2d(rest[0]):
+        return src
+    return None
+
+
+def _weight_operand(ctx: Context, w) -> tuple[tuple[str, nn.Parameter], bool] | None:
+    """((path, parameter), seen transposed) for a 2-D parameter used directly or through a transpose."""
+    found = ctx.param_of(w)
+    if found is not None:
+        return (found, False) if found[1].dim() == 2 else None
+    found = ctx.param_of(transposed_of(w))
+    return ((found, True) if found is not None and found[1].dim() == 2 else None)
 
 
 @recogniser
 def linear_function(ctx: Context, node: fx.Node) -> Target | None:
-    """``F.linear``/``aten.linear`` (W [out, in]); ``mm``/``matmul``/``addmm`` with a 2-D parameter
-    as the right operand (W [in, out])."""
+    """``F.linear``/``aten.linear`` (W [out, in]); ``mm``/``matmul``/``addmm`` with a 2-D parameter as the right
+    operand (``x @ W``: W [in, out]) or its transpose (``x @ W.T``, ``matmul(x, W.t())``: W [out, in]); and
+    ``W @ x`` (``W @ x.T``: the output is ``[out, N]``, the branch computes ``B A x`` on the left)."""
     if node.op != "call_function":
         return None
+    left = False
     if node.target in _LINEAR_FNS:
         at, w, transposed, bias = (0, "input"), arg(node, 1, "weight"), False, BiasRef(at=(2, "bias"))
-    elif node.target in _MATMUL_FNS:
-        at, w, transposed, bias = (0, "input"), arg(node, 1, "other"), True, None
-    elif node.target in _ADDMM_FNS:
-        if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("beta", 1) != 1:
+        found = ctx.param_of(w)
+        found = found if found is not None and found[1].dim() == 2 else None
+        form = ""
+    elif node.target in _MATMUL_FNS or node.target in _ADDMM_FNS:
+        at, w, bias = (0, "input"), arg(node, 1, "other"), None
+        if node.target in _ADDMM_FNS:
+            if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("beta", 1) != 1:
+                return None
+            at, w, bias = (1, "mat1"), arg(node, 2, "mat2"), BiasRef(at=(0, "input"))
+        seen = _weight_operand(ctx, w)
+        left_seen = _weight_operand(ctx, arg(node, 0, "input")) if node.target in _MATMUL_FNS else None
+        if seen is None and left_seen is not None:  # W @ x: the weight is the left operand
+            seen, at, left = left_seen, (1, "other"), True
+        if seen is None:
             return None
-        at, w, transposed, bias = (1, "mat1"), arg(node, 2, "mat2"), True, BiasRef(at=(0, "input"))
+        found, flipped = seen
+        transposed = flipped if left else not flipped
+        form = (" (W.T @ x)" if flipped else " (W @ x)") if left else " (x @ W.T)" if flipped else ""
     else:
         return None
-    found = ctx.param_of(w)
-    if found is None or found[1].dim() != 2 or not isinstance(arg(node, *at), fx.Node):
+    if found is None or not isinstance(arg(node, *at), fx.Node):
         return None
     path, p = found
     out_f, in_f = p.shape[::-1] if transposed else p.shape
-    op = {**_LINEAR_FNS, **_MATMUL_FNS, **_ADDMM_FNS}[node.target]
-    return Target(ctx.key_for(node, path, p), LINEAR, LinearGeometry(in_f, out_f, transposed, bias), node.name,
-                  at, path, op)
+    op = {**_LINEAR_FNS, **_MATMUL_FNS, **_ADDMM_FNS}[node.target] + form
+    geometry = LinearGeometry(in_f, out_f, transposed, bias, left)
+    return Target(ctx.key_for(node, path, p), LINEAR, geometry, node.name, at, path, op)
+
+
+@recogniser
+def quantized_linear(ctx: Context, node: fx.Node) -> Target | None:
+    """A bitsandbytes layer as ``quantized`` captures it: ``lora_fx.linear_4bit`` / ``linear_8bit`` on the packed
+    buffers of a ``QuantLinear`` (W [out, in], never dequantized outside the op)."""
+    if node.op != "call_function" or node.target not in QUANT_OPS:
+        return None
+    packed = node.args[1]
+    if not isinstance(packed, fx.Node) or packed.op != "get_attr":
+        return None
+    owner = packed.target.rpartition(".")[0]
+    module = ctx.source_module(owner)
+    if not isinstance(module, QuantLinear):
+        return None
+    bias = BiasRef(at=(10, "bias") if QUANT_OPS[node.target] == "4bit" else (3, "bias"))
+    geometry = LinearGeometry(module.in_features, module.out_features, False, bias, quant=module.quant,
+                              compute_dtype=module.compute_dtype)
+    return Target(owner, LINEAR, geometry, node.name, (0, "x"), packed.target, f"bnb {module.quant}")
 
 
 # ---- embedding ---------------------------------------------------------------------------------------

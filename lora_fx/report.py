@@ -31,7 +31,7 @@ class RewriteReport:
 
     def summary(self) -> str:
         pct = 100 * self.trainable / self.total if self.total else 0.0
-        keys = len({r["key"] for r in self.rows})
+        keys = len({r["key"].partition("[")[0] for r in self.rows})
         return (
             f"{keys} targets, {self.added_parameters:,} LoRA parameters added; "
             f"trainable: {self.trainable:,} of {self.total:,} ({pct:.4f}%)"

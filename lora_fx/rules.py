@@ -49,6 +49,7 @@ class Rule:
     use_rslora: bool = False
     use_dora: bool = False
     lora_bias: bool = False  # PEFT's lora_bias: B gets a bias, ``delta = s·(B A x + b)``
+    out_slices: tuple[tuple[int, int], ...] | None = None  # output ranges with their own A and B (fused qkv)
 
     def __post_init__(self) -> None:
         patterns = (self.match,) if isinstance(self.match, str) else tuple(self.match)
@@ -79,6 +80,11 @@ class Rule:
             raise RuleError(f"Rule {self.label}: dropout must be in [0, 1), got {self.dropout!r}.")
         if self.lora_bias and self.use_dora:
             raise RuleError(f"Rule {self.label}: lora_bias=True is not supported with DoRA (PEFT refuses it too).")
+        if self.out_slices is not None:
+            object.__setattr__(self, "out_slices", _check_slices(self.label, self.out_slices))
+            if self.use_dora or self.lora_bias or self.init in ("pissa", "olora") or str(self.init).startswith("pissa"):
+                raise RuleError(f"Rule {self.label}: out_slices gives each slice its own A and B; DoRA, lora_bias "
+                                "and PiSSA/OLoRA describe the whole layer. Drop them or the slices.")
         if self.init not in INITS and not (isinstance(self.init, str) and re.fullmatch(r"pissa_niter_\d+", self.init)):
             raise RuleError(f"Rule {self.label}: init must be one of {INITS} or 'pissa_niter_<K>', got {self.init!r}.")
 
@@ -98,6 +104,25 @@ class Rule:
         if self.kinds is not None and kind not in self.kinds:
             return False
         return any(match_pattern(p, key) for p in self.patterns)
+
+
+def _check_slices(label: str, slices: Any) -> tuple[tuple[int, int], ...]:
+    """``slices`` as sorted ``((start, stop), ...)``; refuses empty, reversed or overlapping ranges."""
+    try:
+        out = tuple(sorted((int(a), int(b)) for a, b in slices))
+        exact = all(isinstance(v, int) and not isinstance(v, bool) for pair in slices for v in pair)
+    except (TypeError, ValueError):
+        exact = False
+    if not exact or not out:
+        raise RuleError(f"Rule {label}: out_slices must be a non-empty sequence of (start, stop) integer pairs, got "
+                        f"{slices!r}.")
+    for (a, b), nxt in zip(out, out[1:] + ((None, None),)):
+        if a < 0 or b <= a:
+            raise RuleError(f"Rule {label}: out_slices range ({a}, {b}) is empty or negative; use 0 <= start < stop.")
+        if nxt[0] is not None and nxt[0] < b:
+            raise RuleError(f"Rule {label}: out_slices ranges ({a}, {b}) and {nxt} overlap; each output feature "
+                            "belongs to one slice at most.")
+    return out
 
 
 def match_pattern(pattern: str, key: str) -> bool:

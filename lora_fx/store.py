@@ -36,6 +36,7 @@ class LoraUnit(nn.Module):
                  device: torch.device) -> None:
         super().__init__()
         strategy.check(key, rule.use_dora, rule.lora_bias, rule.init)
+        strategy.check_geometry(key, geometry, rule)
         sizes = (geometry.in_features, geometry.out_features)
         if rule.r > max(sizes):  # checked before allocating: a huge r from a small config file never allocates
             raise RuleError(f"Rule {rule.label}: r={rule.r} on {key!r} exceeds both its feature sizes {sizes}, so it "
@@ -43,7 +44,9 @@ class LoraUnit(nn.Module):
         self.key, self.strategy, self.geometry = key, strategy, geometry
         self.r, self.alpha, self.use_rslora = rule.r, rule.alpha, rule.use_rslora
         self.init, self.use_dora, self.lora_bias = rule.init, rule.use_dora, rule.lora_bias
-        shape_a, shape_b = strategy.shapes(geometry, rule.r)
+        self.slices = rule.out_slices  # output ranges, each with its own A rows and B block (None: whole layer)
+        shape_a, shape_b = strategy.shapes(geometry, rule.r, self.slices) if self.slices else strategy.shapes(
+            geometry, rule.r)
         self.lora_A = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=device))
         self.dropout = nn.Dropout(rule.dropout) if rule.dropout > 0 else nn.Identity()
@@ -60,6 +63,25 @@ class LoraUnit(nn.Module):
     @property
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    @property
+    def peft_r(self) -> int:
+        """The rank PEFT sees: ``k·r`` for ``k`` output slices (one whole-layer adapter), else r."""
+        return len(self.slices) * self.r if self.slices else self.r
+
+    @property
+    def peft_alpha(self) -> float:
+        """The alpha that gives PEFT's rank ``peft_r`` this unit's scaling."""
+        if not self.slices:
+            return self.alpha
+        return self.scaling * (math.sqrt(self.peft_r) if self.use_rslora else self.peft_r)
+
+    def peft_B(self) -> torch.Tensor:
+        """B in PEFT's whole-layer shape ``[out, peft_r]`` (``kinds.linear.sliced_b`` for output slices)."""
+        if not self.slices:
+            return self.lora_B
+        from .kinds.linear import sliced_b
+        return sliced_b(self.lora_B, self.slices, self.geometry.out_features)
 
     @property
     def dropout_p(self) -> float:
@@ -81,7 +103,9 @@ class LoraUnit(nn.Module):
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.use_dora else ""
-        return f"key={self.key!r}, kind={self.kind}, r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{dora}"
+        slices = f", out_slices={self.slices}" if self.slices else ""
+        return (f"key={self.key!r}, kind={self.kind}, r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+                f"{dora}{slices}")
 
 
 class _Saved(nn.Module):

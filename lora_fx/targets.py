@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from .kinds import Kind
@@ -83,6 +84,10 @@ class Context:
     def module(self, path: str) -> nn.Module | None:
         return _get_submodule(self.gm, path)
 
+    def source_module(self, path: str) -> nn.Module | None:
+        """The captured model's module at ``path`` (the graph module keeps only attributes, not module types)."""
+        return _get_submodule(self.source, path)
+
     def param_of(self, node: Any) -> tuple[str, nn.Parameter] | None:
         """(path, parameter) when ``node`` is a get_attr of a Parameter."""
         if not isinstance(node, fx.Node) or node.op != "get_attr":
@@ -94,13 +99,17 @@ class Context:
         return node.target, p
 
     def key_for(self, node: fx.Node, weight_path: str, param: nn.Parameter) -> str:
-        """The owning module's path (via export's nn_module_stack) or the weight path minus ``.weight``."""
+        """The owning module's path (via export's nn_module_stack) or the weight path minus ``.weight``; a
+        MultiheadAttention's ``in_proj_weight``: the attention module's path, as PEFT names it."""
         stack = node.meta.get("nn_module_stack")
         if stack:
             path = list(stack.values())[-1][0]
             owner = _get_submodule(self.source, path)
             if owner is not None and getattr(owner, "weight", None) is param:
                 return path
+        owner, _, leaf = weight_path.rpartition(".")
+        if leaf == "in_proj_weight" and isinstance(_get_submodule(self.source, owner), nn.MultiheadAttention):
+            return owner  # PEFT's key for LoRA on a MultiheadAttention's packed q/k/v projection
         return weight_path[: -len(".weight")] if weight_path.endswith(".weight") else weight_path
 
 
@@ -150,6 +159,19 @@ def weight_uses(graph: fx.Graph, root: nn.Module, calls: int = 1) -> Counter:
                 continue
             uses[id(p)] += calls * len(node.users)
     return uses
+
+
+def base_weight(root: nn.Module, path: str) -> torch.Tensor:
+    """A target's base weight: its Parameter, or a quantized base's packed buffer."""
+    try:
+        return root.get_parameter(path)
+    except AttributeError:
+        return root.get_buffer(path)
+
+
+def compute_dtype(t: Target, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a target's base op computes in: its weight's, or a quantized base's compute dtype."""
+    return getattr(t.geometry, "compute_dtype", None) or weight.dtype
 
 
 def _get_submodule(root: nn.Module, path: str) -> nn.Module | None:

@@ -69,6 +69,40 @@ class EmbedModel(nn.Module):
         return self.head(torch.tanh(self.proj(self.emb(ids))).mean(1))
 
 
+class FusedQKV(nn.Module):
+    """One Linear for q, k and v with uneven parts (grouped-query attention: q 16, k 8, v 8), GPT-2/Falcon style."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 32)
+        self.out = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):  # x: [B, T, 16]
+        q, k, v = self.qkv(x).split([16, 8, 8], dim=-1)
+        k, v = k.repeat(1, 1, 2), v.repeat(1, 1, 2)
+        att = torch.softmax(q @ k.transpose(-1, -2) / 4, dim=-1)
+        return self.head(torch.tanh(self.out(att @ v)).mean(1))
+
+
+class TLinear(nn.Linear):
+    """An nn.Linear subclass computing ``x @ W.T`` itself (as Falcon's FalconLinear does)."""
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class TransposedLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = TLinear(12, 24)
+        self.fc2 = TLinear(24, 6, bias=False)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
 def _hf(name: str) -> nn.Module:
     import transformers as tf
 
@@ -141,6 +175,10 @@ ZOO = {
                 other_inputs_fn=lambda: (torch.randn(3, 3, 24),)),
     "embed": Case("embed", EmbedModel, lambda: (torch.randint(0, 40, (4, 7)),), ["emb", "proj", "head"],
                   export=False, other_inputs_fn=lambda: (torch.randint(0, 40, (2, 9)),)),
+    "fused_qkv": Case("fused_qkv", FusedQKV, lambda: (torch.randn(2, 5, 16),), ["qkv", "out", "head"],
+                      export=False, other_inputs_fn=lambda: (torch.randn(3, 4, 16),)),
+    "transposed": Case("transposed", TransposedLinears, lambda: (torch.randn(4, 12),), ["fc1", "fc2"], export=False,
+                       other_inputs_fn=lambda: (torch.randn(2, 12),)),
     "llama": Case("llama", lambda: _hf("llama"), _ids(2, 8),
                   ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], export=True,
                   other_inputs_fn=_ids(3, 11)),

@@ -28,10 +28,12 @@ from torch import fx, nn
 from ..blocks import Block, Template
 from ..errors import CaptureError
 from ..passes.common import copy_graph
-from ..targets import Target, Unsupported, arg, find_targets, weight_uses
+from ..quantized import swap_quantized
+from ..targets import Target, Unsupported, arg, base_weight, find_targets, weight_uses
 from .calls import CallSignature, call_key
 from .exporting import export_program, share_parameters, warn_training_mode
 from .masks import elide_masks
+from .modes import check_exported, check_traced
 from .templated import TemplateMismatch, capture_templated
 from .traced import trace_with_blocks
 
@@ -87,6 +89,7 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[s
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     kwargs = dict(example_kwargs or {})
+    swap_quantized(model)  # bitsandbytes layers -> QuantLinear (graph capture cannot fake their weights)
     if isinstance(model, fx.GraphModule) and not example_inputs and not kwargs:
         return _finish(model, model, "graph_module", _mode_fixed(model), {}, {})
     if example_inputs or kwargs:
@@ -100,6 +103,7 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[s
         except TemplateMismatch:
             gm, found, blocks = export_program(model, example_inputs, kwargs).module(), {}, {}
         share_parameters(gm, model)
+        check_exported(model, example_inputs, kwargs)
         elide_masks(gm, found, blocks)
         cap = _finish(gm, model, "export", True, found, blocks)
         cap.call, cap.positional = key, len(example_inputs)
@@ -112,7 +116,13 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[s
             "Pass example_inputs=(...) and/or example_kwargs={...} to lorafy so the model is captured "
             "with torch.export instead."
         ) from e
+    check_traced(model, *_codes(gm, templates), lambda: _codes(*trace_with_blocks(model)[:2]))
     return _finish(gm, model, "symbolic_trace", False, templates, blocks)
+
+
+def _codes(gm: fx.GraphModule, templates: dict[str, Template]) -> tuple[str, dict[str, str]]:
+    """The traced code of a graph module without its block calls' bodies, and of each template."""
+    return gm.code, {tid: fx.GraphModule(t.module, t.graph).code for tid, t in templates.items()}
 
 
 def distinct_inputs(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -162,7 +172,7 @@ def _finish(gm, source, method, mode_fixed, templates, blocks) -> Captured:
 def _mark_shared(t, root: nn.Module, uses: Counter, key_uses: Counter):
     if not isinstance(t, Target):
         return t
-    weight = root.get_parameter(t.weight_path)
+    weight = base_weight(root, t.weight_path)
     return replace(t, shared=True) if uses[id(weight)] > key_uses[t.key] else t
 
 

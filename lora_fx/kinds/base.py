@@ -57,8 +57,8 @@ class Kind:
         return f"Kind({self.name!r})"
 
     # ---- parameters ----------------------------------------------------------------------------------
-    def shapes(self, geometry: Any, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """PEFT's (A, B) shapes for rank ``r``."""
+    def shapes(self, geometry: Any, r: int, slices: Any = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """PEFT's (A, B) shapes for rank ``r`` (linear with ``slices``: A ``[k·r, in]``, B packed ``[Σ len, r]``)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -96,6 +96,12 @@ class Kind:
         if isinstance(init, str) and init not in ("default", "gaussian") and not self.supports_weight_init:
             raise RuleError(f"init={init!r} on {key!r}: PiSSA/OLoRA apply to linear layers only (this is a "
                             f"{self.name}); use init='default' for it.")
+
+    def check_geometry(self, key: str, geometry: Any, rule: Any) -> None:
+        """Refuse a rule's options that this target's geometry cannot take (raises RuleError naming the key)."""
+        if getattr(rule, "out_slices", None):
+            raise RuleError(f"out_slices on {key!r}: output slices apply to linear targets only (this is a "
+                            f"{self.name}); drop out_slices from the rule for it.")
 
     # ---- weights ---------------------------------------------------------------------------------------
     def delta(self, unit: LoraUnit, dtype: torch.dtype) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from ..errors import AdapterError
+from ..kinds.linear import sliced_b
 from ..targets import Target, arg
 from .common import ident, new_node
 
@@ -54,7 +55,10 @@ def _lora(graph, t, y, x, adapter, unit, params, inputs, base_dtype, new) -> fx.
     if strategy.reads_activation and unit.dropout_p > 0:
         x = new("call_module", inputs.dropout(adapter, t), (x,), "lora_dropout")
     b_bias = inputs.tensor(adapter, t, "lora_B_bias") if unit.lora_bias else None
-    delta = strategy.emit(graph, t.geometry, x, params["lora_A"], params["lora_B"], b_bias, "", new)
+    b = params["lora_B"]
+    if unit.slices:  # each output slice's B block, placed in PEFT's whole-layer B
+        b = new("call_function", sliced_b, (b, unit.slices, t.out_features), "lora_b_slices")
+    delta = strategy.emit(graph, t.geometry, x, params["lora_A"], b, b_bias, "", new)
     scaled = new("call_function", operator.mul, (delta, unit.scaling), "lora_scaled")
     return new("call_function", operator.add, (y, scaled), "lora")
 

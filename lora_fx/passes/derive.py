@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from torch import fx, nn
 
 from ..blocks import Program
-from ..targets import Target
+from ..targets import Target, base_weight, compute_dtype
 from .branches import insert_plain
 from .common import BANK, BlockInputs, StoreInputs, copy_graph
 from .fuse import fusable, fuse_linear
@@ -94,7 +94,7 @@ def rewrite_graph(graph: fx.Graph, targets: list[Target], branches_for: Callable
             records += [{"key": t.key, "adapter": a, "form": "routed", "group": None, "dropout": u.dropout_p > 0}
                         for a, u in branches if u is not None]
             continue
-        base_dtype = root.get_parameter(t.weight).dtype
+        base_dtype = compute_dtype(t, base_weight(root, t.weight))
         if fuse and len(branches) == 1 and fusable(t, branches[0][1], base_dtype):
             fused.append((t, node, *branches[0]))
             continue
@@ -160,7 +160,7 @@ def _branch_signature(adapter: str, unit, block: nn.Module, t: Target) -> tuple:
     if unit is None or unit.routed:
         return (adapter, unit is not None)
     return (adapter, unit.use_dora, unit.lora_bias, unit.dropout_p > 0, unit.lora_A.dtype, float(unit.scaling),
-            block.get_parameter(t.weight).dtype)
+            compute_dtype(t, base_weight(block, t.weight)))
 
 
 def _wire_block_calls(graph: fx.Graph, rw: Rewrite, inputs_of: dict[str, list], key_prefix: str) -> None:

@@ -35,7 +35,7 @@ FUSABLE_OPS = ("Linear", "F.linear", "aten.linear")
 
 def fusable(t: Target, unit, base_dtype) -> bool:
     return (t.strategy is LINEAR and t.op in FUSABLE_OPS and not unit.use_dora and not unit.lora_bias
-            and unit.lora_A.dtype == base_dtype)
+            and not unit.slices and unit.lora_A.dtype == base_dtype)
 
 
 def fuse_linear(graph: fx.Graph, candidates: list[tuple[Target, fx.Node, str, object]], inputs) -> list[dict]:

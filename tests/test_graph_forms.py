@@ -298,3 +298,23 @@ def test_hf_models_reading_self_training_for_zero_dropout_do_not_warn():
         warnings.simplefilter("always")
         lora_fx.lorafy(c.build(), "q_proj", **c.lorafy_kwargs())
     assert not [w for w in caught if "self.training" in str(w.message)]
+
+
+def test_falcon_linear_subclass_matches_peft():
+    """FalconLinear computes ``x @ self.weight.T``; its blocks hold a lifted constant, so export runs in one piece."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                           vocab_size=128)).eval()
+    ids = torch.randint(0, 128, (2, 8))
+    targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    lm = lora_fx.lorafy(copy.deepcopy(model), Rule(targets, r=4, init=False), example_inputs=(ids,)).eval()
+    assert {r["op"] for r in lm.report().rows} == {"aten.matmul (x @ W.T)"} and len(lm.report().rows) == 8
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=targets)).eval()
+    with torch.no_grad():
+        for key, unit in lm.adapters.units("default").items():
+            layer = pm.base_model.model.get_submodule(key)
+            layer.lora_A["default"].weight.copy_(unit.lora_A)
+            layer.lora_B["default"].weight.copy_(unit.lora_B)
+        assert rel_err(lm(ids).logits, pm(ids).logits) < 1e-6

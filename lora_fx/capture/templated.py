@@ -221,7 +221,10 @@ def _install(gm: fx.GraphModule, model: nn.Module, groups: list[_Group], calls: 
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
-    blocks = install_blocks(gm, model, templates)
+    try:
+        blocks = install_blocks(gm, model, templates)
+    except AttributeError as e:  # an attribute the template reads that neither the layer nor the template holds
+        raise TemplateMismatch(f"a block's graph reads an attribute its layer lacks ({e})") from None
     graph.lint()
     gm.recompile()
     return templates, blocks

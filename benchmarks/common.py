@@ -135,5 +135,18 @@ def step_peak_mib(step: Callable[[], object], steps: int = 3) -> float:
     return (peak[0] - rss0) / 2**20
 
 
+@torch.no_grad()
+def same_adapters(lm, *peft_models, randomize_b: bool = False) -> None:
+    """Copy ``lm``'s default adapter into each PEFT model (``randomize_b``: draw B ~ N(0, 0.02) first, so the
+    adapters change the outputs and the variants can be checked against each other)."""
+    for key, unit in lm.adapters.units("default").items():
+        if randomize_b:
+            torch.nn.init.normal_(unit.lora_B, std=0.02)
+        for pm in peft_models:
+            layer = pm.base_model.model.get_submodule(key)
+            layer.lora_A["default"].weight.copy_(unit.lora_A)
+            layer.lora_B["default"].weight.copy_(unit.lora_B)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

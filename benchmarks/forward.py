@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from common import PROJECTIONS, interleaved, llama, rel_err, report, setting
+from common import PROJECTIONS, interleaved, llama, rel_err, report, same_adapters, setting
 from peft import LoraConfig, get_peft_model
 
 import lora_fx
@@ -23,12 +23,7 @@ from lora_fx import Rule
 def build(base, ids0, compile_: bool) -> dict:
     peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS)).eval()
     unmerged = lora_fx.lorafy(copy.deepcopy(base), Rule(PROJECTIONS, r=16, alpha=32), example_inputs=(ids0,)).eval()
-    with torch.no_grad():
-        for key, unit in unmerged.adapters.units("default").items():
-            torch.nn.init.normal_(unit.lora_B, std=0.02)
-            mod = peft.base_model.model.get_submodule(key)
-            mod.lora_A["default"].weight.copy_(unit.lora_A)
-            mod.lora_B["default"].weight.copy_(unit.lora_B)
+    same_adapters(unmerged, peft, randomize_b=True)
     merged = lora_fx.lorafy(copy.deepcopy(base), Rule(PROJECTIONS, r=16, alpha=32), example_inputs=(ids0,))
     merged.adapters.load_state_dict(unmerged.adapters.state_dict())
     merged_gm = merged.merge_and_unload()

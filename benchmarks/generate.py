@@ -16,7 +16,7 @@ import copy
 import time
 
 import torch
-from common import PROJECTIONS, interleaved, llama, report, setting
+from common import PROJECTIONS, interleaved, llama, report, same_adapters, setting
 from peft import LoraConfig, get_peft_model
 
 import lora_fx
@@ -47,12 +47,7 @@ def build(base, device: str, compile_: bool) -> dict:
     peft, peft_static = (get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32,
                                                                         target_modules=PROJECTIONS)).eval()
                          for _ in range(2))
-    with torch.no_grad():
-        for key, unit in eager["unmerged"].adapters.units("default").items():
-            for pm in (peft, peft_static):
-                mod = pm.base_model.model.get_submodule(key)
-                mod.lora_A["default"].weight.copy_(unit.lora_A)
-                mod.lora_B["default"].weight.copy_(unit.lora_B)
+    same_adapters(eager["unmerged"], peft, peft_static)
     from transformers import CompileConfig
 
     compile_config = CompileConfig(mode="default" if device == "cpu" else "reduce-overhead")

@@ -14,7 +14,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import PROJECTIONS, interleaved, llama, rel_err, report, setting
+from common import PROJECTIONS, interleaved, llama, rel_err, report, same_adapters, setting
 from peft import LoraConfig, get_peft_model
 
 import lora_fx
@@ -45,12 +45,8 @@ def build(device: str, dtype: torch.dtype, size: dict, batch: int, seq: int, com
     floor.enable_input_require_grads()  # backward reaches the inputs, as a LoRA step must
     peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS))
     lm = lora_fx.lorafy(copy.deepcopy(base), Rule(PROJECTIONS, r=16, alpha=32), example_inputs=(ids,))
-    with torch.no_grad():  # same nonzero adapters in both, so the outputs can be checked
-        for key, unit in lm.adapters.units("default").items():
-            torch.nn.init.normal_(unit.lora_B, std=0.02)
-            mod = peft.base_model.model.get_submodule(key)
-            mod.lora_A["default"].weight.copy_(unit.lora_A)
-            mod.lora_B["default"].weight.copy_(unit.lora_B)
+    same_adapters(lm, peft, randomize_b=True)  # same nonzero adapters in both, so the outputs can be checked
+    with torch.no_grad():
         assert rel_err(lm(ids).logits, peft(ids).logits) < (1e-5 if dtype == torch.float32 else 2e-2)
     peft_params = [p for p in peft.parameters() if p.requires_grad]
     variants = {

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, preview
+from .kinds.linear import packed_b, sliced_b
 from .store import LoraUnit
 
 CONFIG_NAME = "adapter_config.json"
@@ -253,7 +254,6 @@ def slices_metadata(units: list[LoraUnit]) -> dict[str, str]:
 
 def whole_layer(units: list[LoraUnit], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tensors`` with each sliced unit's packed B replaced by PEFT's whole-layer B (``sliced_b``)."""
-    from .kinds.linear import sliced_b
     out = dict(tensors)
     for u in units:
         if u.slices and _b_name(u) in out:
@@ -264,7 +264,6 @@ def whole_layer(units: list[LoraUnit], tensors: dict[str, torch.Tensor]) -> dict
 def packed_slices(units: list[LoraUnit], tensors: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
     """``tensors`` with each sliced unit's whole-layer B packed to its slices; a B with values outside the
     slices is refused (it is not the sliced adapter this model holds)."""
-    from .kinds.linear import packed_b, sliced_b
     out = dict(tensors)
     for u in units:
         name = _b_name(u)

@@ -25,6 +25,7 @@ from torch import nn
 
 from .errors import AdapterError, RuleError
 from .kinds import Kind
+from .kinds.linear import sliced_b
 from .passes.common import BANK
 from .rules import Rule
 
@@ -80,7 +81,6 @@ class LoraUnit(nn.Module):
         """B in PEFT's whole-layer shape ``[out, peft_r]`` (``kinds.linear.sliced_b`` for output slices)."""
         if not self.slices:
             return self.lora_B
-        from .kinds.linear import sliced_b
         return sliced_b(self.lora_B, self.slices, self.geometry.out_features)
 
     @property

@@ -66,10 +66,8 @@ def check_traced(model: nn.Module, code: str, template_codes: dict[str, str], tr
     except Exception:  # the other mode does not trace: nothing to compare
         return
     differ = sorted(t for t, c in template_codes.items() if other_templates.get(t) not in (None, c))
-    if differ or (other != code and not template_codes):
+    if differ or other != code:
         _warn(model, f" (in {', '.join(differ)})" if differ else "")
-    elif other != code:
-        _warn(model, "")
 
 
 def _close(x: torch.Tensor, y: torch.Tensor) -> bool:

@@ -58,8 +58,9 @@ def passes_summary(records: list[dict]) -> list[str]:
     siblings = sum(1 for g in groups if sum(r["group"] == g for r in fused) > 1)
     lines = []
     if fused:
+        owning = len({r["group"] for r in fused if r.get("owns_base")})
         lines.append(f"fuse_linear: {len(fused)} branches as {len(groups)} fused ops ({siblings} sibling groups "
-                     "sharing one A-matmul, scale folded into an in-place addmm)")
+                     f"sharing one A-matmul; {owning} own their base linears; scale folded into an in-place addmm)")
     no_dropout = sum(not r["dropout"] for r in records)
     if no_dropout:
         lines.append(f"drop_dropout: no dropout node on {no_dropout} branches (p = 0)")

@@ -22,9 +22,9 @@ def test_blocks_are_submodules_sharing_one_program():
     lm = lora_fx.lorafy(c.build(), Rule(c.targets, init=False), **c.lorafy_kwargs())
     blocks = [lm.graph_module.get_submodule(f"model.layers.{i}") for i in range(2)]
     assert all(isinstance(b, Block) for b in blocks) and list(lm.blocks) == ["model.layers.0", "model.layers.1"]
-    assert blocks[0].program is blocks[1].program and "lora_linear_group" in blocks[0].code
+    assert blocks[0].program is blocks[1].program and "linear_lora_group" in blocks[0].code
     outer = lm.graph_module.code
-    assert 'getattr(self.model.layers, "0")(' in outer and "lora_linear_group" not in outer
+    assert 'getattr(self.model.layers, "0")(' in outer and "linear_lora_group" not in outer
     assert "blocks: 2 repeated blocks kept as submodules, 1 traced template(s)" in str(lm.report())
     assert not lora_fx.lorafy(ZOO["mlp"].build(), ["fc1"]).blocks  # nothing repeated: one graph
 

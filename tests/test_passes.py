@@ -9,6 +9,7 @@ from zoo import ZOO, output_tensor
 
 import lora_fx
 from lora_fx import Rule
+from lora_fx.linear_group import linear_lora_group
 from lora_fx.ops import lora_linear_group
 
 
@@ -32,10 +33,14 @@ def test_fusion_node_counts_llama():
     plain = lora_fx.lorafy(c.build(), Rule(c.targets, init=False), fuse=False, **c.lorafy_kwargs())
     fused = lora_fx.lorafy(c.build(), Rule(c.targets, init=False), fuse=True, **c.lorafy_kwargs())
     # plain: two F.linear, one mul, one add per branch (14 branches); fused: per layer one q/k/v group, o_proj,
-    # one gate/up group, down_proj = 4 ops x 2 layers, and no LoRA F.linear at all
-    assert _count(plain, F.linear) == 28 and _count(plain, lora_linear_group) == 0
-    assert _count(fused, lora_linear_group) == 8 and _count(fused, F.linear) == 0
-    assert "sibling groups" in str(fused.report()) and "drop_dropout" in str(fused.report())
+    # one gate/up group, down_proj = 4 ops x 2 layers, each owning its base linears (none left in the graph)
+    base_linears = _count(plain, torch.ops.aten.linear.default)
+    assert _count(plain, F.linear) == 28 and _count(plain, linear_lora_group) == 0 and base_linears >= 14
+    assert _count(fused, linear_lora_group) == 8 and _count(fused, F.linear) == 0
+    assert _count(fused, torch.ops.aten.linear.default) == base_linears - 14
+    assert _count(fused, lora_linear_group) == 0
+    assert "4 sibling groups" in str(fused.report()) and "8 own their base linears" in str(fused.report())
+    assert "drop_dropout" in str(fused.report())
     assert len(list(all_nodes(fused))) < len(list(all_nodes(plain)))
 
 
@@ -59,8 +64,25 @@ def test_fused_equals_plain_forward_and_backward(name):
 def test_dropout_branches_are_fused_alone():
     c = ZOO["llama"]
     lm = lora_fx.lorafy(c.build(), Rule(c.targets, dropout=0.1), **c.lorafy_kwargs())
-    assert _count(lm, lora_linear_group) == 14  # one per branch: each has its own mask
+    assert _count(lm, linear_lora_group) == 14  # one per branch: each has its own mask
+    dropped = [n for n in all_nodes(lm) if n.target is linear_lora_group]
+    assert all(n.args[1] is not None and n.args[1].op == "call_module" for n in dropped)  # the branch's own input
     assert "drop_dropout" not in str(lm.report())
+
+
+def test_module_linears_keep_their_call():
+    """nn.Linear module calls (symbolic trace) stay in the graph, hooks see their outputs; only the branches fuse."""
+    c = ZOO["mlp"]
+    model = c.build()
+    seen = []
+    model.fc1.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    lm = lora_fx.lorafy(model, Rule(c.targets, init=False), **c.lorafy_kwargs())
+    assert _count(lm, lora_linear_group) > 0 and _count(lm, linear_lora_group) == 0
+    lm.train()
+    out = output_tensor(lm(*c.inputs()))
+    out.sum().backward()
+    x = c.inputs()[0]
+    assert len(seen) == 1 and torch.allclose(seen[0], F.linear(x, model.fc1.weight, model.fc1.bias))
 
 
 def test_unload_after_fusion_restores_base_graph():

@@ -1,12 +1,19 @@
 """Sibling fusion: linear LoRA branches that read the same input run as one autograd op.
 
-For siblings ``q, k, v = W_q x, W_k x, W_v x`` the pass emits one node::
+For siblings ``q, k, v = F.linear(x, W_q), ...`` (functional or aten linear nodes) the pass replaces the base
+nodes and their branches with one node that owns the base GEMMs too::
+
+    q_lora, k_lora, v_lora = linear_lora_group(x, None, (W_q, W_k, W_v), (b_q, b_k, b_v), (A_q, A_k, A_v),
+                                               (B_q, B_k, B_v), (s, s, s))
+
+(``linear_group``: ``h = x [A_q; A_k; A_v]ᵀ`` in one GEMM, each ``s · h_i B_iᵀ`` added into its fresh base
+output, and in backward every ``dx`` term accumulated into one buffer). Siblings that are ``nn.Linear`` module
+calls keep their module call (a hook may see its output) and get the branches only::
 
     q_lora, k_lora, v_lora = lora_linear_group(x, (q, k, v), (A_q, A_k, A_v), (B_q, B_k, B_v), (s, s, s))
 
-which computes ``h = x [A_q; A_k; A_v]ᵀ`` in one GEMM and adds ``s · h_i B_iᵀ`` into each base output (see
-``ops.lora_linear_group``). Candidates are bucketed in one pass by (input node, adapter); a lone linear
-target is a group of one, and a branch with dropout is alone (each branch has its own dropout mask).
+Candidates are bucketed in one pass by (input node, adapter); a lone linear target is a group of one, and a
+branch with dropout is alone (each branch has its own dropout mask; its branch reads ``dropout(x)``).
 
 Eligible: linear targets in ``nn.Linear`` / ``F.linear`` / ``aten.linear`` form with exactly one branch, no
 DoRA or lora_bias, whose adapter has the base weight's dtype. A sibling joins its group's first member only if
@@ -26,6 +33,7 @@ from collections import defaultdict
 from torch import fx
 
 from ..kinds import LINEAR
+from ..linear_group import linear_lora_group
 from ..ops import lora_linear_group
 from ..targets import Target, arg
 from .common import ident, new_node
@@ -52,7 +60,8 @@ def fuse_linear(graph: fx.Graph, candidates: list[tuple[Target, fx.Node, str, ob
             bucket = [c for c in bucket if c not in group]
             grp = _emit(graph, group, inputs)
             records += [{"key": t.key, "adapter": adapter, "form": "fused", "group": grp.name,
-                         "dropout": unit.dropout_p > 0} for t, _, adapter, unit in group]
+                         "dropout": unit.dropout_p > 0, "owns_base": grp.target is linear_lora_group}
+                        for t, _, adapter, unit in group]
     return records
 
 
@@ -89,9 +98,15 @@ def _emit(graph: fx.Graph, group: list, inputs) -> fx.Node:
         ys = tuple(node for _, node, _, _ in group)
         scalings = tuple(float(unit.scaling) for _, _, _, unit in group)
         name = f"{stem}_lora_group" if len(group) > 1 else f"{stem}_lora_fused"
-        inplace = all(node.op == "call_function" for node in ys)  # a module's output may be kept by a hook
-        grp = new_node(graph, "call_function", lora_linear_group, (x, ys, a_nodes, b_nodes, scalings, inplace),
-                       name, tag)
+        if all(node.op == "call_function" for node in ys):  # the base GEMMs join the op
+            base_x = arg(first, *t0.input_at)
+            ws = tuple(_operand(n, 1, "weight") for n in ys)
+            bs = tuple(_operand(n, 2, "bias") for n in ys)
+            grp = new_node(graph, "call_function", linear_lora_group,
+                           (base_x, None if x is base_x else x, ws, bs, a_nodes, b_nodes, scalings), name, tag)
+        else:  # a module call stays: a hook may keep its output, so the deltas are not added into it in place
+            grp = new_node(graph, "call_function", lora_linear_group, (x, ys, a_nodes, b_nodes, scalings, False),
+                           name, tag)
         outs = []
         for i, (t, _, _, _) in enumerate(group):
             out_tag = {"adapter": adapter, "key": t.key, "role": "out"}
@@ -99,7 +114,14 @@ def _emit(graph: fx.Graph, group: list, inputs) -> fx.Node:
             outs.append(new_node(graph, "call_function", operator.getitem, (grp, i), f"{s}_lora", out_tag))
     for (_, node, _, _), out in zip(group, outs):
         node.replace_all_uses_with(out, delete_user_cb=lambda user, grp=grp: user is not grp)
+        if grp.target is linear_lora_group:
+            graph.erase_node(node)
     return grp
+
+
+def _operand(node: fx.Node, pos: int, name: str):
+    """A linear node's weight (1) or bias (2) argument, positional or keyword."""
+    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name)
 
 
 def _comes_after(a: fx.Node, b: fx.Node) -> bool:

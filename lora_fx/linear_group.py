@@ -43,7 +43,8 @@ class _LinearLoraGroup(torch.autograd.Function):
             y = torch.addmm(next(biases), x2, w.t()) if has_bias else x2 @ w.t()
             y.addmm_(h_i, b.t(), alpha=s)
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-        ctx.save_for_backward(x2, xa2 if xa is not None else None, h, *ws, *a_list, *b_list)
+        keep_x = xa is None or any(ctx.needs_input_grad[5:5 + n])  # with dropout, x serves dW only
+        ctx.save_for_backward(x2 if keep_x else None, xa2 if xa is not None else None, h, *ws, *a_list, *b_list)
         ctx.scalings, ctx.ranks, ctx.biased = scalings, ranks, biased
         ctx.x_shape, ctx.xa_shape = x.shape, None if xa is None else xa.shape
         return tuple(outs)
@@ -57,7 +58,7 @@ class _LinearLoraGroup(torch.autograd.Function):
         nb = sum(ctx.biased)
         need_w, need_bias = needs[5:5 + n], needs[5 + n:5 + n + nb]
         need_a, need_b = needs[5 + n + nb:5 + 2 * n + nb], needs[5 + 2 * n + nb:]
-        own = xa2 is None
+        own = ctx.xa_shape is None
         xa2 = x2 if own else xa2
         g2s = [g.reshape(-1, g.shape[-1]) for g in grads]
         dh, db_list = branch_grads(g2s, h, b_list, ctx.scalings, ctx.ranks, need_b)

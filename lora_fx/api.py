@@ -17,11 +17,11 @@ from typing import Any
 
 from torch import nn
 
+from .adapters.store import check_adapter_name
 from .capture import capture
 from .model import LoraModel
-from .peft_compat import peft_compatible
+from .peft.compat import peft_compatible
 from .rules import RuleLike, as_ruleset
-from .store import check_adapter_name
 
 
 def lorafy(
@@ -89,6 +89,6 @@ def _discard_on_error(lm: LoraModel):
     try:
         yield
     except BaseException:
-        lm._discard()
+        lm.discard()
         raise
-    lm._requires_grad = []  # the snapshot held every base parameter; once lorafy succeeded it is not needed
+    lm.release_snapshot()  # the snapshot held every base parameter; once lorafy succeeded it is not needed

@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from .demo import DemoConfig, run_demo
+from .deploy.merge_dir import merge_model_dir
 from .errors import LoraFxError
-from .merge_dir import merge_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:

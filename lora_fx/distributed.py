@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from .errors import AdapterError
-from .merge import HOLDER
+from .passes.fold import HOLDER
 
 
 def fully_shard(lm: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
@@ -44,17 +44,16 @@ def fully_shard(lm: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
         shard(block, **fsdp_kwargs)
     shard(lm, **fsdp_kwargs)
     _point_model_at_shards(lm)
-    lm._programs.clear()  # graphs of other call signatures and generation hold the full weights: dropped
-    lm._generation.clear()
-    lm._sharded = True
+    lm.forget_graphs()  # graphs of other call signatures and generation hold the full weights: dropped
+    lm.configure(sharded=True)
     return lm
 
 
 def _point_model_at_shards(lm: nn.Module) -> None:
     """The wrapped model's parameters become the sharded ones (by path), so the full tensors lose their last
     reference."""
-    source = lm._captured.source
-    skip = (f"{lm._store_name}.", f"{HOLDER}.")
+    source = lm.state.captured.source
+    skip = (f"{lm.state.store_name}.", f"{HOLDER}.")
     for path, param in lm.graph_module.named_parameters(remove_duplicate=False):
         if path.startswith(skip):
             continue
@@ -63,5 +62,5 @@ def _point_model_at_shards(lm: nn.Module) -> None:
             owner = source.get_submodule(owner_path) if owner_path else source
         except AttributeError:
             continue
-        if isinstance(owner._parameters.get(leaf), nn.Parameter):
-            owner._parameters[leaf] = param
+        if isinstance(dict(owner.named_parameters(recurse=False)).get(leaf), nn.Parameter):
+            owner.register_parameter(leaf, param)

@@ -27,6 +27,10 @@ class MergeError(LoraFxError, ValueError):
     """A merge or unmerge cannot be done (non-finite result, nothing merged, ...)."""
 
 
+class PassError(LoraFxError, RuntimeError):
+    """A graph pass failed on a graph it was given (a bug in lora_fx: the message names the pass and graph)."""
+
+
 def preview(items, n: int = 8) -> str:
     """``'a', 'b', ... (+3 more)``: a short list for error messages."""
     items = list(items)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
+from .passes.pipeline import Action
+
 COLUMNS = ("key", "kind", "node", "op", "in", "out", "r", "alpha", "scaling", "params", "action")
 
 
@@ -51,17 +53,18 @@ class RewriteReport:
         return f"RewriteReport({len(self.rows)} rows; {self.summary()})"
 
 
-def passes_summary(records: list[dict]) -> list[str]:
-    """One line per optimisation the insert step applied (from ``insert_lora``'s records)."""
-    fused = [r for r in records if r["form"] == "fused"]
-    groups = {r["group"] for r in fused}
-    siblings = sum(1 for g in groups if sum(r["group"] == g for r in fused) > 1)
+def passes_summary(records: list) -> list[str]:
+    """One line per optimisation the derivation applied, read from the passes' typed records."""
+    fused = [r for r in records if r.action is Action.FUSED]
+    groups = {r.group for r in fused}
+    siblings = sum(1 for g in groups if sum(r.group == g for r in fused) > 1)
     lines = []
     if fused:
-        owning = len({r["group"] for r in fused if r.get("owns_base")})
-        lines.append(f"fuse_linear: {len(fused)} branches as {len(groups)} fused ops ({siblings} sibling groups "
+        owning = len({r.group for r in fused if r.owns_base})
+        lines.append(f"fuse_siblings: {len(fused)} branches as {len(groups)} fused ops ({siblings} sibling groups "
                      f"sharing one A-matmul; {owning} own their base linears; scale folded into an in-place addmm)")
-    no_dropout = sum(not r["dropout"] for r in records)
+    inserted = [r for r in records if r.action in (Action.BRANCH, Action.ROUTED)]
+    no_dropout = sum(not r.dropout for r in inserted)
     if no_dropout:
         lines.append(f"drop_dropout: no dropout node on {no_dropout} branches (p = 0)")
     return lines

@@ -9,8 +9,8 @@ from zoo import ZOO, output_tensor
 
 import lora_fx
 from lora_fx import Rule
-from lora_fx.blocks import Block, Program
 from lora_fx.capture import capture
+from lora_fx.capture.blocks import Block, Program
 
 
 def _signature(graph):
@@ -76,7 +76,7 @@ def test_shared_layer_export_with_fused_siblings_matches_peft(templates, monkeyp
     from lora_fx.capture import templated
 
     if not templates:  # the one-piece export, where fusion once broke on the shared weights
-        monkeypatch.setattr("lora_fx.capture.capture_templated",
+        monkeypatch.setattr("lora_fx.capture.core.capture_templated",
                             lambda *a: (_ for _ in ()).throw(templated.TemplateMismatch("forced")))
     torch.manual_seed(0)
     model, x = SharedLayers().eval(), torch.randn(3, 5, 8)
@@ -117,7 +117,7 @@ def test_blocks_with_other_settings_get_their_own_template(export):
     torch.manual_seed(0)
     model, x = Stack([1.0, 2.0, 1.0, 2.0]), torch.randn(2, 8)
     lm = lora_fx.lorafy(model, Rule(["fc"], init=False), **({"example_inputs": (x,)} if export else {}))
-    assert len(lm.blocks) == 4 and len(lm._captured.templates) == 2
+    assert len(lm.blocks) == 4 and len(lm.state.captured.templates) == 2
     ref = x
     for i, layer in enumerate(model.layers):
         u = lm.unit(f"layers.{i}.fc")
@@ -202,8 +202,8 @@ def test_deep_model_rebuilds_one_program_per_verb(monkeypatch):
     ids = torch.randint(0, 32, (2, 6))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lm = lora_fx.lorafy(model, Rule(targets, r=2, init=False), example_inputs=(ids,))
-    assert len(lm.blocks) == 64 and len(lm._captured.templates) == 1
-    captured = len(lm._captured.graph.nodes)
+    assert len(lm.blocks) == 64 and len(lm.state.captured.templates) == 1
+    captured = len(lm.state.captured.graph.nodes)
     assert len(lm.graph_module.graph.nodes) == captured + 64 * 14  # A and B of 7 targets per block call
     built = []
     original = Program.__init__

@@ -11,7 +11,7 @@ from zoo import ZOO
 
 import lora_fx
 from lora_fx import CheckpointError, Rule, RuleError
-from lora_fx.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from lora_fx.peft.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 
 def _peft_saved(case, tmp_path, **cfg):
@@ -105,7 +105,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
             f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lora_fx.checkpoint.save_file", crash)
+    monkeypatch.setattr("lora_fx.peft.checkpoint.save_file", crash)
     with torch.no_grad():
         lm.unit("fc1").lora_A.add_(1)
     with pytest.raises(KeyboardInterrupt):

@@ -7,9 +7,9 @@ import sys
 from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lora_fx.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from lora_fx.cli import main
 from lora_fx.demo import DemoConfig, run_demo
+from lora_fx.peft.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 
 def test_demo_learns_to_count_and_saves_peft_adapter(tmp_path, capsys):

@@ -11,7 +11,7 @@ from zoo import ZOO, output_tensor
 import lora_fx
 from lora_fx import CheckpointError, Rule
 from lora_fx.cli import main
-from lora_fx.merge_dir import merge_model_dir
+from lora_fx.deploy.merge_dir import merge_model_dir
 
 
 @pytest.mark.parametrize("name", ["mlp", "llama"])

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from helpers import rel_err
 
-from lora_fx.linear_group import linear_lora_group
+from lora_fx.ops.linear_group import linear_lora_group
 
 
 def _inputs(n, biased, ranks, x_grad, w_grad, shape=(2, 5, 12), seed=0):

@@ -8,7 +8,7 @@ from zoo import ZOO, output_tensor
 
 import lora_fx
 from lora_fx import AdapterError, MergeError, Rule
-from lora_fx.blocks import code_of
+from lora_fx.capture.blocks import code_of
 
 
 def _lorafied(case, **rule):

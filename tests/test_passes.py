@@ -9,8 +9,8 @@ from zoo import ZOO, output_tensor
 
 import lora_fx
 from lora_fx import Rule
-from lora_fx.linear_group import linear_lora_group
-from lora_fx.ops import lora_linear_group
+from lora_fx.ops.group import lora_linear_group
+from lora_fx.ops.linear_group import linear_lora_group
 
 
 def _count(lm, target):

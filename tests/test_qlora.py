@@ -105,7 +105,7 @@ def test_checkpoints_interchange_with_peft(base_dir, tmp_path):
 
 
 def test_merge_refuses_quantized_bases_and_merges_onto_full_precision(base_dir, tmp_path):
-    from lora_fx.merge_dir import merge_model_dir
+    from lora_fx.deploy.merge_dir import merge_model_dir
 
     lm = lora_fx.lorafy(load(base_dir, "nf4-double"), Rule(TARGETS, r=4, alpha=8, init=False),
                         example_inputs=(IDS,))

@@ -10,7 +10,7 @@ from zoo import MLP, ZOO
 
 import lora_fx
 from lora_fx import Rule
-from lora_fx.checkpoint import strip_adapter_name
+from lora_fx.peft.checkpoint import strip_adapter_name
 
 
 def test_fused_op_under_autocast():
@@ -67,7 +67,7 @@ def test_mixed_dtype_adapters_keep_the_layer_dtype():
 def test_merge_dir_does_not_copy_base_weight_shards(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from lora_fx.merge_dir import merge_model_dir
+    from lora_fx.deploy.merge_dir import merge_model_dir
 
     c = ZOO["llama"]
     c.build().save_pretrained(tmp_path / "base", max_shard_size="20KB")

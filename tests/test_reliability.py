@@ -11,8 +11,9 @@ import torch
 from zoo import ZOO
 
 import lora_fx
-from lora_fx import CheckpointError, Rule, RuleError, merge_dir
-from lora_fx import checkpoint as ckpt
+from lora_fx import CheckpointError, Rule, RuleError, atomic
+from lora_fx.deploy import merge_dir
+from lora_fx.peft import checkpoint as ckpt
 
 
 class Crash(Exception):
@@ -153,8 +154,8 @@ def test_merge_dir_is_never_missing_and_leaves_no_litter(tmp_path, model_dirs, m
     merge_dir.merge_model_dir(base, adapter, out, progress=False)
     marker = out / "old-run"
     marker.write_text("x")
-    monkeypatch.setattr(merge_dir, "exchange", lambda a, b: False)  # the fallback path: two renames
-    _crash_at(monkeypatch, merge_dir.os, "replace", step)
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)  # the fallback path: two renames
+    _crash_at(monkeypatch, atomic.os, "replace", step)
     with pytest.raises(Crash):
         merge_dir.merge_model_dir(base, adapter, out, force=True, progress=False)
     monkeypatch.undo()

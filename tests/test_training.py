@@ -39,10 +39,10 @@ def test_forward_takes_the_models_arguments_and_computes_its_loss(tmp_path):
     lm.save_pretrained(tmp_path)
     ref = PeftModel.from_pretrained(_llama(), tmp_path)(input_ids=ids, attention_mask=mask, labels=labels)
     assert torch.allclose(out.loss, ref.loss, rtol=1e-6) and torch.allclose(out.logits, ref.logits, atol=1e-6)
-    n_programs = len(lm._programs)
+    n_programs = len(lm.derived_graphs)
     half = lm(ids, attention_mask=mask, labels=labels, num_items_in_batch=7).loss
     double = lm(ids, attention_mask=mask, labels=labels, num_items_in_batch=14).loss  # no new capture
-    assert torch.allclose(half, 2 * double) and len(lm._programs) == n_programs + 1
+    assert torch.allclose(half, 2 * double) and len(lm.derived_graphs) == n_programs + 1
     assert torch.equal(lm(ids).logits, lm(input_ids=ids).logits)  # by position or by name
 
 

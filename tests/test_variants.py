@@ -24,7 +24,7 @@ def test_dora_matches_peft_and_checkpoints_interchange(name, tmp_path):
     c = ZOO[name]
     pm = _peft_dora(c, tmp_path / "peft", lora_dropout=0.1)
     lm = lora_fx.from_peft(c.build(), tmp_path / "peft", **c.lorafy_kwargs()).eval()
-    assert all(u.use_dora and u.lora_magnitude_vector is not None for _, u in lm.adapters.iter_units())
+    assert all(u.variant.name == "dora" and u.lora_magnitude_vector is not None for _, u in lm.adapters.iter_units())
     ours = run(lm, c)
     assert rel_err(ours, run(pm, c)) < 1e-6
     lm.save_pretrained(tmp_path / "ours")

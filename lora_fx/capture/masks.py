@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..blocks import Program, Template
+from .blocks import Program, Template
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 SYM_SIZE = torch.ops.aten.sym_size.int

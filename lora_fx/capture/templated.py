@@ -24,7 +24,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from ..blocks import Template, install_blocks
+from .blocks import Template, install_blocks
 from .exporting import export_program, has_active_dropout, no_kv_cache
 from .outline import MARK_IN, MARK_OUT, OutlineError, outline
 from .repeats import repeated_blocks

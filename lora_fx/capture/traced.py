@@ -16,7 +16,7 @@ import inspect
 
 from torch import fx, nn
 
-from ..blocks import Block, Template, install_blocks
+from .blocks import Block, Template, install_blocks
 from .repeats import repeated_blocks
 
 

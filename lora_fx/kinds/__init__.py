@@ -1,4 +1,5 @@
 """Target kinds: one strategy object per kind (``LINEAR``, ``EMBEDDING``, ``CONV``) and its typed geometry.
+``KINDS`` is the registry rules validate ``kinds=`` against; a new kind is one more module here.
 
 Example::
 

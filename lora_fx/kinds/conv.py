@@ -18,7 +18,8 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from .. import ops, routing
+from ..bank import routing
+from ..ops import dora
 from .base import BiasRef, Kind
 
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -52,17 +53,17 @@ class ConvKind(Kind):
     def shapes(self, geometry: ConvGeometry, r: int):
         return (r, geometry.in_channels, *geometry.kernel), (geometry.out_channels, r, *([1] * geometry.dims))
 
-    def delta(self, unit, dtype):
-        a, b = unit.lora_A.detach().to(dtype), unit.lora_B.detach().to(dtype)
-        g = unit.geometry
-        return (b.flatten(1) @ a.flatten(1)).view(g.out_channels, g.in_channels, *g.kernel) * unit.scaling
+    def delta(self, a, b, scaling, geometry):
+        return (b.flatten(1) @ a.flatten(1)).view(geometry.out_channels, geometry.in_channels,
+                                                  *geometry.kernel) * scaling
 
-    def dora_norm(self, unit, weight):
-        w = weight + self.delta(unit, weight.dtype)
-        return w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(1, 0).detach()
+    def oriented(self, weight, geometry):
+        return weight.flatten(1)
 
-    def dora_factor(self, unit, weight):
-        factor = unit.lora_magnitude_vector.detach().to(weight.dtype) / self.dora_norm(unit, weight)
+    def norm(self, weight, geometry):
+        return weight.norm(p=2, dim=tuple(range(1, weight.dim())), keepdim=True).transpose(1, 0)
+
+    def per_output(self, factor, geometry):
         return factor.transpose(1, 0)
 
     def padded(self, geometry: ConvGeometry, x, new):
@@ -70,7 +71,7 @@ class ConvKind(Kind):
             return x
         return new("call_function", F.pad, (x, geometry.pad), "lora_pad", {"mode": geometry.pad_mode})
 
-    def emit(self, g, geometry, x, a, b, b_bias, name, new):
+    def emit(self, g, geometry, x, a, b, b_bias, new):
         conv = CONV_FNS[geometry.dims]
         x = self.padded(geometry, x, new)
         h = new("call_function", conv, (x, a, None, geometry.stride, geometry.padding, geometry.dilation), "lora_a")
@@ -85,7 +86,7 @@ class ConvKind(Kind):
         x = self.padded(geometry, x, new)
         args = (x, y, w, bias, params["lora_A"], params["lora_B"], params["lora_magnitude_vector"], scaling,
                 geometry.stride, geometry.padding, geometry.dilation, dropout)
-        return new("call_function", ops.dora_conv, args, "dora")
+        return new("call_function", dora.dora_conv, args, "dora")
 
 
 CONV = ConvKind()

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import ops, routing
+from ..bank import routing
+from ..ops import dora
 from .base import Kind
 
 
@@ -42,7 +43,7 @@ class EmbeddingKind(Kind):
     peft_a = "lora_embedding_A"
     peft_b = "lora_embedding_B"
     reads_activation = False
-    supports_lora_bias = False
+    supports_bias = False
 
     def shapes(self, geometry: EmbeddingGeometry, r: int):
         return (r, geometry.num_embeddings), (geometry.embedding_dim, r)
@@ -59,17 +60,16 @@ class EmbeddingKind(Kind):
         unit.lora_A.copy_(a)
         unit.lora_B.copy_(b)
 
-    def delta(self, unit, dtype):
-        return (unit.lora_B.detach().to(dtype) @ unit.lora_A.detach().to(dtype)).T * unit.scaling
+    def delta(self, a, b, scaling, geometry):
+        return (b @ a).T * scaling
 
     def oriented(self, weight, geometry):
         return weight.T
 
-    def dora_factor(self, unit, weight):
-        factor = unit.lora_magnitude_vector.detach().to(weight.dtype) / self.dora_norm(unit, weight)
+    def per_output(self, factor, geometry):
         return factor.view(1, -1)
 
-    def emit(self, g, geometry, idx, a, b, b_bias, name, new):
+    def emit(self, g, geometry, idx, a, b, b_bias, new):
         a_t = new("call_method", "t", (a,), "lora_A_t")
         b_t = new("call_method", "t", (b,), "lora_B_t")
         h = new("call_function", F.embedding, (idx, a_t), "lora_a", {"padding_idx": geometry.padding_idx})
@@ -81,7 +81,7 @@ class EmbeddingKind(Kind):
     def emit_dora(self, g, geometry, x, y, w, bias, params, scaling, dropout, new):
         args = (x, y, w, params["lora_A"], params["lora_B"], params["lora_magnitude_vector"], scaling,
                 geometry.padding_idx)
-        return new("call_function", ops.dora_embedding, args, "dora")
+        return new("call_function", dora.dora_embedding, args, "dora")
 
 
 EMBEDDING = EmbeddingKind()

@@ -9,7 +9,7 @@ the captured graph at every rebuild, so nothing is ever undone.
 
 Example::
 
-    swap_saved(graph, {"classifier": "lora.default.saved.classifier"})
+    records = swap_saved(graph, ctx)      # ctx.plan.saved: {"classifier": "lora.default.saved.classifier"}
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 from torch import fx
 
 from .common import TAG
+from .pipeline import Action, GraphContext, Record
 
 
 def _inside(user: fx.Node, path: str) -> bool:
@@ -28,9 +29,9 @@ def _inside(user: fx.Node, path: str) -> bool:
     return inner == path or inner.startswith(path + ".")
 
 
-def swap_saved(g: fx.Graph, copies: dict[str, str]) -> int:
-    """Re-target uses of module path ``p`` (or below it) to ``copies[p]``; returns how many nodes changed."""
-    n = 0
+def swap_saved(g: fx.Graph, ctx: GraphContext) -> list[Record]:
+    """Re-target uses of module path ``p`` (or below it) to ``ctx.plan.saved[p]``; one record per node changed."""
+    copies, records = ctx.plan.saved, []
     for node in list(g.nodes):
         if node.op not in ("call_module", "get_attr") or TAG in node.meta:
             continue
@@ -49,5 +50,5 @@ def swap_saved(g: fx.Graph, copies: dict[str, str]) -> int:
         else:
             node.meta[TAG] = {"role": "saved", "target": node.target}
             node.target = new_target
-        n += 1
-    return n
+        records.append(Record("swap_saved", Action.SAVED, path))
+    return records

@@ -1,0 +1,71 @@
+"""A unit: one target's adapter in one adapter, ``delta = s · B A dropout(x)`` with ``s = alpha / r`` (rsLoRA:
+``alpha / sqrt(r)``), PEFT's shapes for its kind (linear: A ``[r, in]``, B ``[out, r]``), and the variant that says
+what else it is (``variants``).
+
+Example::
+
+    unit = lm.adapters.unit("default", "model.layers.0.self_attn.q_proj")
+    unit.lora_A.shape, unit.scaling, unit.delta_weight()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import RuleError
+from ..kinds import Kind
+from ..variants import Variant, resolve
+from ..variants.inits import check_target, random_part
+
+
+class LoraUnit(nn.Module):
+    """One target's adapter. ``strategy`` is its kind (``kinds``), ``variant`` its variant (``variants``)."""
+
+    def __init__(self, key: str, strategy: Kind, geometry: Any, rule: Any, *, dtype: torch.dtype,
+                 device: torch.device, variant: Variant | None = None) -> None:
+        super().__init__()
+        variant = variant if variant is not None else resolve(rule)
+        variant.check(key, strategy, geometry, rule.r)
+        check_target(rule.init, key, strategy, geometry)
+        sizes = (geometry.in_features, geometry.out_features)
+        if rule.r > max(sizes):  # checked before allocating: a huge r from a small config file never allocates
+            raise RuleError(f"Rule {rule.label}: r={rule.r} on {key!r} exceeds both its feature sizes {sizes}, so it "
+                            f"cannot add rank; use r <= {max(sizes)} (or rank_pattern for this key).")
+        self.key, self.strategy, self.geometry, self.variant = key, strategy, geometry, variant
+        self.r, self.alpha, self.use_rslora, self.init = rule.r, rule.alpha, rule.use_rslora, rule.init
+        shape_a, shape_b = variant.shapes(strategy, geometry, rule.r)
+        self.lora_A = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(rule.dropout) if rule.dropout > 0 else nn.Identity()
+        for name, p in variant.extra_parameters(strategy, geometry, dtype, device).items():
+            self.register_parameter(name, p)
+        self.reset_parameters()
+
+    @property
+    def kind(self) -> str:
+        return self.strategy.name
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    @property
+    def dropout_p(self) -> float:
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+
+    def reset_parameters(self) -> None:
+        """PEFT's random init for this kind (an init from W draws only what PEFT draws; ``variants.inits``)."""
+        self.strategy.reset(self, random_part(self.init))
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``s · ΔW`` in ``dtype``, in the base weight's layout and shape."""
+        return self.variant.delta(self, dtype)
+
+    def extra_repr(self) -> str:
+        variant = "" if self.variant.name == "lora" else f", variant={self.variant!r}"
+        return (f"key={self.key!r}, kind={self.kind}, r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+                f"{variant}")

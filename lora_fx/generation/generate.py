@@ -1,0 +1,186 @@
+"""Generation with adapters: a prefill graph and a one-token decode graph over a static KV cache, derived from
+the same adapter store as the training graph.
+
+``CachedStep`` wraps the Hugging Face causal LM with a ``StaticCache`` it owns (buffers of shape
+``[batch, heads, cache_len, head_dim]``)::
+
+    logits[B, V] = step(input_ids[B, T], attention_mask[B, cache_len], position_ids[B, T], start[1])
+
+``start`` is where the T new tokens are written in the cache; ``attention_mask`` covers the whole cache (zeros for
+left padding and for slots not written yet). Two graphs are captured per (batch, cache length): prefill (T
+dynamic, T >= 2) and decode (T = 1). Each is derived from its pristine capture with the LoraModel's adapter
+state (``passes.derive``) and re-derived lazily after any change (a training step needs none: the graphs read
+the store's parameters). The cache length is the prompt plus the new tokens, rounded up to a multiple of 64
+(so several calls share graphs) and capped at the model's ``max_position_embeddings``.
+
+Example::
+
+    out = lm.generate(ids, attention_mask=mask, max_new_tokens=32)      # prompt + new tokens, as HF's generate
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from ..capture import Captured, capture
+from ..capture.exporting import share_parameters
+from ..capture.signatures import rekey
+from ..errors import AdapterError
+from .sampling import SamplingConfig, next_tokens
+
+PREFIX = "model."  # CachedStep holds the causal LM as ``model``
+
+
+class CachedStep(nn.Module):
+    """The causal LM with a static KV cache it owns; returns the last position's logits."""
+
+    def __init__(self, model: nn.Module, batch: int, cache_len: int) -> None:
+        super().__init__()
+        from transformers import StaticCache
+
+        self.model = model
+        self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        device = next(model.parameters()).device
+        ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        with torch.no_grad():  # the cache's layers allocate their tensors on first use; export needs them up front
+            self(ids, torch.ones(batch, cache_len, dtype=torch.long, device=device), ids, ids[0])
+        for i, layer in enumerate(self.cache.layers):
+            self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
+            self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
+            self.register_buffer(f"cache_length_{i}", layer.cumulative_length, persistent=False)
+
+    def forward(self, input_ids, attention_mask, position_ids, start):
+        for layer in self.cache.layers:
+            layer.cumulative_length.copy_(start[0])
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+
+def check_causal_lm(lm) -> nn.Module:
+    model = lm.state.captured.source
+    if lm.state.options.sharded:
+        raise AdapterError("generate does not run on a LoraModel sharded with FSDP2; save the adapter and generate "
+                           "from an unsharded model (lora_fx.from_peft).")
+    can = getattr(model, "can_generate", None)
+    if lm.state.captured.method != "export" or not callable(can) or not can():
+        raise AdapterError(f"generate needs a Hugging Face causal language model captured with example inputs; "
+                           f"{type(model).__name__} is not one (its own forward is what lm(...) runs).")
+    return model
+
+
+def cache_length(model: nn.Module, prompt: int, new: int) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    need = prompt + new
+    if limit is not None and need > limit:
+        raise AdapterError(f"prompt length {prompt} + max_new_tokens {new} = {need} exceeds the model's "
+                           f"max_position_embeddings ({limit}); pass max_new_tokens <= {max(limit - prompt, 0)} or "
+                           "a shorter prompt.")
+    bucket = -(-need // 64) * 64
+    return min(bucket, limit) if limit is not None else bucket
+
+
+def graphs_for(lm, batch: int, cache_len: int):
+    """The entry of this size: its prefill and decode captures (one ``CachedStep``: they share its KV cache),
+    captured once, derived together for the committed state."""
+    def capture_steps() -> tuple[Captured, Captured]:
+        model = lm.state.captured.source
+        was = model.training
+        step = CachedStep(model, batch, cache_len).eval()  # generation graphs never drop out
+        device = next(model.parameters()).device
+        mask = torch.ones(batch, cache_len, dtype=torch.long, device=device)
+        start = torch.zeros(1, dtype=torch.long, device=device)
+        ids2 = torch.zeros(batch, 2, dtype=torch.long, device=device)
+        try:
+            prefill = capture(step, (ids2, mask, ids2.clone(), start), templates=False)
+            ids1 = ids2[:, :1]
+            decode = capture(step, (ids1, mask, ids1.clone(), start), templates=False)
+        finally:
+            model.train(was)
+        return _rekey(prefill, lm), _rekey(decode, lm)
+    return lm.derived(("generate", batch, cache_len), capture_steps, prefix=PREFIX)
+
+
+def _rekey(cap: Captured, lm) -> Captured:
+    """Keys and parameters of the training graph: ``model.x`` -> ``x``, the same Parameter objects."""
+    rekey(cap, PREFIX, "")
+    holder = nn.Module()
+    holder.add_module("model", lm.graph_module)
+    share_parameters(cap.graph_module, holder)
+    return cap
+
+
+def run_step(entry, which: str, args: tuple, route: dict, compile_options: dict | None) -> torch.Tensor:
+    gm: fx.GraphModule = entry.caps[0 if which == "prefill" else 1].graph_module
+    if compile_options is None:
+        return gm(*args, **route)
+    if which not in entry.extra:
+        entry.extra[which] = torch.compile(gm, **{**compile_options, "dynamic": which == "prefill"})
+    return entry.extra[which](*args, **route)
+
+
+def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+             sampling: SamplingConfig, eos_token_id, pad_token_id: int | None = None,
+             adapter_names: list[str] | None = None) -> torch.Tensor:
+    model = check_causal_lm(lm)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise AdapterError("input_ids must be a [batch, prompt length] tensor of token ids (torch.long).")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise AdapterError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    batch, prompt = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device).long()
+    if mask.shape != input_ids.shape:
+        raise AdapterError(f"attention_mask has shape {tuple(mask.shape)}; it must match input_ids "
+                           f"{tuple(input_ids.shape)} (1 for tokens, 0 for left padding).")
+    cache_len = cache_length(model, prompt, max_new_tokens)
+    eos = _eos_ids(model, eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else getattr(model.generation_config, "pad_token_id", None)
+    pad = pad if pad is not None else (eos[0] if eos else 0)
+    entry = graphs_for(lm, batch, cache_len)
+    with entry.lock:  # one generation at a time per entry: it owns the KV cache
+        while True:
+            entry = lm.update_entry(entry)
+            with lm.reading():  # the graphs of one state: no verb commits until the last token
+                if entry.version == lm.state.version:
+                    return _loop(lm, input_ids, mask, entry, cache_len, max_new_tokens, sampling, eos, pad,
+                                 lm.route_kwargs(adapter_names))
+
+
+def _loop(lm, input_ids, mask, entry, cache_len, max_new_tokens, sampling, eos, pad, route) -> torch.Tensor:
+    batch, prompt = input_ids.shape
+    options = lm.state.options.compile_options
+    options = dict(options) if options is not None else None
+    full = torch.zeros(batch, cache_len, dtype=torch.long, device=input_ids.device)
+    full[:, :prompt] = mask
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # Hugging Face's positions under left padding
+    with torch.no_grad():
+        args = (input_ids, full, positions, _start(0, input_ids))
+        logits = run_step(entry, "prefill" if prompt > 1 else "decode", args, route, options)
+        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        new = []
+        for i in range(max_new_tokens):
+            token = next_tokens(logits, sampling)
+            token = torch.where(done, torch.full_like(token, pad), token)
+            new.append(token)
+            if eos:
+                done |= torch.isin(token, torch.tensor(eos, device=token.device))
+            if i == max_new_tokens - 1 or bool(done.all()):
+                break
+            at = prompt + i
+            full[:, at] = 1
+            positions = positions[:, -1:] + 1
+            logits = run_step(entry, "decode", (token[:, None], full, positions, _start(at, input_ids)), route,
+                              options)
+    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+
+
+def _start(at: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([at], dtype=torch.long, device=like.device)
+
+
+def _eos_ids(model: nn.Module, eos_token_id) -> list[int]:
+    eos = eos_token_id if eos_token_id is not None else getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]

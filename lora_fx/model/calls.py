@@ -1,0 +1,213 @@
+"""Calling a LoraModel: the model's own signature (one lazily captured graph per combination of arguments, see
+``capture.signatures``), per-row routing, generation, and gradient checkpointing of its blocks.
+
+A call runs the graphs of one committed state: it holds ``reading()`` while they run (no verb commits meanwhile),
+and a graph derived for an older state is derived again first. ``adapter_names`` travels with the call as the
+graphs' ``lora_route`` input; nothing about one call is stored where another call could see it.
+
+Example::
+
+    lm(input_ids=ids, attention_mask=mask, labels=ids).loss      # captured once for this combination
+    lm(ids, adapter_names=["a", "b"])                            # row 0 with adapter a, row 1 with b
+    lm.gradient_checkpointing_enable()
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters.store import BASE
+from ..capture.calls import CallSignature, call_key
+from ..capture.signatures import capture_call
+from ..errors import AdapterError
+from ..passes.derive import ROUTE_INPUT
+
+
+class CallsMixin:
+    """forward dispatch, generate and checkpointing for LoraModel (which provides the state and ``derived``)."""
+
+    def _init_calls(self) -> None:
+        cap = self._state.captured
+        self._signature = CallSignature.of(cap.source) if cap.method == "export" else None
+        self._source_forward = cap.source.__dict__.get("forward")  # a forward set on the model after this: patched
+        self._patch_lock = threading.Lock()  # a patched forward swaps the model's backbone for the call's span
+        self._capture_ids = itertools.count(1)
+        forward = functools.partial(type(self).forward, self)
+        functools.update_wrapper(forward, cap.source.forward)  # inspect.signature(lm.forward): the model's
+        object.__setattr__(self, "forward", forward)
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Run the model's own forward with the adapters; ``adapter_names`` (one per row, ``"__base__"``: none)
+        routes each row to its own adapter through the adapter bank (built on first use)."""
+        if isinstance(adapter_names, str):
+            raise AdapterError("adapter_names takes one adapter name per row of the batch (a list), not a string.")
+        if adapter_names is not None and self._state.bank is None:
+            self.build_adapter_bank()
+        if self._signature is None:
+            return self.run_entry(None, lambda route: self.graph_module(*args, **kwargs, **route), adapter_names)
+        if self._state.captured.source.__dict__.get("forward") is not self._source_forward:
+            return self._patched_forward(args, kwargs, adapter_names)
+        call = self._signature.bind(args, kwargs)
+        key = call_key(call)
+        cap = self._state.captured
+        entry = None if key == cap.call else self.call_entry(("call", key), call)
+        target = cap if entry is None else entry.cap
+        positional = [call.pop(name) for name in self._signature.names[:target.positional]]  # as it was captured
+        return self.run_entry(entry, lambda route: target.graph_module(*positional, **call, **route), adapter_names)
+
+    def run_entry(self, entry: Any, run: Any, adapter_names: list[str] | None) -> Any:
+        """``run(route_kwargs)`` under ``reading()``, once ``entry`` (None: the training graph) is derived for the
+        committed state: the seam every call of a graph goes through."""
+        if torch.compiler.is_compiling():
+            return run(self._route(adapter_names))
+        while True:
+            with self.reading():
+                if entry is None or entry.version == self._state.version:
+                    return run(self._route(adapter_names))
+            entry = self.update_entry(entry)
+
+    def _route(self, adapter_names: list[str] | None) -> dict[str, Any]:
+        """The call's ``lora_route`` keyword (none when the graphs are not routed)."""
+        bank = self._state.bank
+        if bank is None:
+            return {}
+        if adapter_names is None:
+            active = self._state.active
+            if len(active) > 1:
+                raise AdapterError(f"Adapters {list(active)} are active and the adapter bank gives each row one "
+                                   "adapter; pass adapter_names=[one per row] or set_adapter(one name).")
+            return {ROUTE_INPUT: bank.default_route if active else bank.route(BASE)}
+        return {ROUTE_INPUT: bank.route(adapter_names)}
+
+    def call_entry(self, key: tuple, call: dict[str, Any], module_path: str = "",
+                    module: nn.Module | None = None) -> Any:
+        """The derived capture for a call of another signature (of the model, or of its backbone)."""
+        def capture() -> Any:
+            if self._state.options.sharded:
+                raise AdapterError("This LoraModel is sharded with FSDP2: it runs the graph captured by lorafy only. "
+                                   "Call it with the same arguments as the example inputs (names, dtypes, ranks), or "
+                                   "lorafy with example inputs like those of this call.")
+            return capture_call(self._state.captured, call, next(self._capture_ids), module_path, module)
+        return self.derived(key, capture, strip=f"{module_path}." if module_path else "")
+
+    def _patched_forward(self, args: tuple, kwargs: dict[str, Any], adapter_names: list[str] | None) -> Any:
+        """The model's ``forward`` was replaced after capture (TRL's trainers patch in a fused LM head): run that
+        forward, with the model's backbone (``base_model_prefix``) computed by a lora_fx graph of the backbone."""
+        source = self._state.captured.source
+        path = getattr(source, "base_model_prefix", "")
+        backbone = getattr(source, path, None) if path else None
+        if not isinstance(backbone, nn.Module):
+            raise AdapterError(f"{type(source).__name__}.forward was replaced after lorafy, and the model has no "
+                               "backbone (base_model_prefix) for lora_fx to run under it; lorafy after patching.")
+        state = self._state
+        outside = sorted({u.key for a in state.live for u in state.entries[a].by_key.values()
+                          if not u.key.startswith(path + ".")})
+        if outside:
+            raise AdapterError(f"{type(source).__name__}.forward was replaced after lorafy (a fused LM head?); the "
+                               f"replacement runs {outside} itself, without their adapters. Target only modules "
+                               f"inside {path!r}, or merge() first.")
+        with self._patch_lock:
+            setattr(source, path, _BackboneRunner(self, path, backbone, adapter_names))
+            try:
+                return source.forward(*args, **kwargs)
+            finally:
+                setattr(source, path, backbone)
+
+    # ---- generation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, adapter_names: list[str] | None = None) -> torch.LongTensor:
+        """Generate with the active adapters (unmerged or merged) over a static KV cache; returns the prompt plus
+        the new tokens, as transformers' ``generate``. Left-padded batches take an ``attention_mask``; each row
+        stops at EOS (``eos_token_id=None``: the model's generation config) and is padded after it with
+        ``pad_token_id`` (default: the generation config's, else the first EOS, as transformers). Greedy by
+        default; ``do_sample`` samples after temperature, top-k and top-p (seed with ``torch.manual_seed``).
+        ``adapter_names`` (one per row, ``"__base__"``: none) generates each row with its own adapter, in one
+        batch (adapter bank). LoRA dropout is off while generating. After ``lora_fx.compile(lm)`` the decode step
+        is compiled once and reused by every step."""
+        from ..generation.generate import generate
+        from ..generation.sampling import SamplingConfig
+
+        if isinstance(adapter_names, str):
+            raise AdapterError("adapter_names takes one adapter name per row of the batch (a list), not a string.")
+        if adapter_names is not None and len(adapter_names) != len(input_ids):
+            raise AdapterError(f"adapter_names has {len(adapter_names)} names for {len(input_ids)} rows of "
+                               "input_ids; pass one adapter name per row.")
+        if adapter_names is not None and self._state.bank is None:
+            self.build_adapter_bank()
+        was = self.training
+        self.train(False)
+        try:
+            return generate(self, input_ids, attention_mask, max_new_tokens,
+                            SamplingConfig(do_sample, temperature, top_k, top_p), eos_token_id, pad_token_id,
+                            adapter_names)
+        finally:
+            self.train(was)
+
+    def route_kwargs(self, adapter_names: list[str] | None) -> dict[str, Any]:
+        """The ``lora_route`` keyword a derived graph of the committed state takes for ``adapter_names``."""
+        return self._route(adapter_names)
+
+    # ---- checkpointing ---------------------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_: Any) -> None:
+        """Recompute each block in backward instead of keeping its activations (non-reentrant
+        ``torch.utils.checkpoint``; dropout masks are replayed, so gradients equal those without).
+        transformers' keyword arguments are accepted; checkpointing is always non-reentrant and per block."""
+        cap = self._state.captured
+        if not cap.blocks:
+            raise AdapterError(f"{type(cap.source).__name__} was captured as one graph (it has no repeated "
+                               "blocks lora_fx could keep), so there is no block to checkpoint.")
+        for block in cap.blocks.values():
+            block.checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for block in self._state.captured.blocks.values():
+            block.checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(b.checkpointing for b in self._state.captured.blocks.values())
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        **kwargs: Any) -> None:
+        """transformers' newer name for ``gradient_checkpointing_enable`` (what ``Trainer`` calls)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.is_gradient_checkpointing
+
+
+class _BackboneRunner(nn.Module):
+    """Stands in for the model's backbone during a patched forward: calls the backbone's lora_fx graph."""
+
+    def __init__(self, lm: nn.Module, path: str, backbone: nn.Module, adapter_names: list[str] | None) -> None:
+        super().__init__()
+        object.__setattr__(self, "lm", lm)  # not a submodule: no cycle in the module tree
+        object.__setattr__(self, "backbone", backbone)
+        self.path, self.adapter_names = path, adapter_names
+
+    def __getattr__(self, name: str) -> Any:  # the backbone's own attributes (get_input_embeddings, config, ...)
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            return getattr(self.__dict__["backbone"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        signature = CallSignature.of(self.backbone)
+        call = signature.bind(args, kwargs)
+        entry = self.lm.call_entry(("backbone", self.path, call_key(call)), call, self.path, self.backbone)
+        positional = [call.pop(name) for name in signature.names[:entry.cap.positional]]
+        return self.lm.run_entry(entry, lambda route: entry.cap.graph_module(*positional, **call, **route),
+                                 self.adapter_names)

@@ -1,0 +1,86 @@
+"""Introspection verbs of LoraModel: trainable parameters (PEFT's counts) and the rewrite report.
+
+Example::
+
+    lm.print_trainable_parameters()   # trainable params: 3,584 || all params: 90,432 || trainable%: 3.9632
+    print(lm.report())
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..report import RewriteReport, passes_summary
+
+
+class ReportMixin:
+    """trainable_parameters / report for LoraModel (which provides the state and the derivation records)."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters that require grad (exactly the active adapters'): pass them to an optimiser."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as PEFT computes them."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    def report(self) -> RewriteReport:
+        """What the rewrite did: one row per (adapter, key) (per output slice for sliced units)."""
+        state = self.state
+        by_key: dict[str, list] = {}
+        for t in self.targets:
+            by_key.setdefault(t.key, []).append(t)
+        merged = state.merged
+        untied = set(state.merge.untied) if state.merge is not None else set()
+        rows = []
+        for name, unit in state.iter_units():
+            ts = by_key[unit.key]
+            t = ts[0]
+            action = ("merged" if name in merged else "routed" if state.bank is not None
+                      else "lora" if name in state.active else "inactive")
+            copy = name in merged and unit.key in untied
+            suffix = " (untied copy)" if copy else " (shared weight)" if t.shared else ""
+            row = {
+                "adapter": name, "key": unit.key, "kind": unit.kind, "node": ",".join(x.node for x in ts),
+                "op": t.op, "in": t.in_features, "out": t.out_features, "r": unit.r, "alpha": unit.alpha,
+                "scaling": round(unit.scaling, 6), "dropout": unit.dropout_p, "block": t.block or None,
+                "params": sum(p.numel() for p in unit.parameters()), "action": action + suffix, "untied": copy,
+                "variant": unit.variant.name,
+            }
+            rows += unit.variant.report_rows(unit, row)
+        trainable, total = self.get_nb_trainable_parameters()
+        unused = [f"{r} [{a}]" for a in state.names for r in state.entries[a].unused_rules]
+        passes = passes_summary(self._records)
+        blocks = state.captured.blocks
+        if blocks:
+            programs = len({id(b.program) for b in blocks.values()})
+            passes.insert(0, f"blocks: {len(blocks)} repeated blocks kept as submodules, "
+                             f"{len(state.captured.templates)} traced template(s), {programs} rewritten program(s)")
+        can_generate = getattr(state.captured.source, "can_generate", None)
+        if callable(can_generate) and can_generate() and len(merged) < len(state.active):
+            passes.append("generate: the original model's own generate() does not see unmerged adapters; use "
+                          "lm.generate(...), or merge() first")
+        bank = state.bank
+        if bank is not None:
+            passes.append(f"adapter bank: {len(bank.slots)} slots {bank.slots} + '__base__', max rank "
+                          f"{bank.max_rank}, {len(bank.stems)} targets; rows routed by adapter_names (default: the "
+                          "active adapter)")
+        for name, entry in state.entries.items():
+            errors = entry.svd_error
+            if errors:
+                worst = max(errors, key=errors.get)
+                passes.append(f"weighted adapter {name!r}: SVD relative reconstruction error max "
+                              f"{errors[worst]:.3g} ({worst}), mean {sum(errors.values()) / len(errors):.3g}")
+            for path, (_, module) in entry.saved_copies().items():
+                n = sum(p.numel() for p in module.parameters())
+                passes.append(f"modules_to_save: {path} -> trainable copy in adapter {name!r} ({n:,} parameters)")
+            if entry.bias != "none":
+                passes.append(f"bias={entry.bias!r}: {len(self.bias_parameters(name))} base biases trainable "
+                              f"in adapter {name!r}")
+        return RewriteReport(rows, trainable, total, unused, passes)

@@ -1,0 +1,205 @@
+"""Verbs as transactions: every change a verb makes to live objects goes through a ``Transaction`` that records its
+undo, so an exception (``KeyboardInterrupt`` included) at any point rolls every applied change back in reverse
+order; ``StateLock`` serialises verbs and lets calls run concurrently between them.
+
+Example::
+
+    with lock.write(), Transaction() as tx:     # rolled back if anything inside raises
+        tx.copy_(weight, merged)
+        tx.setattr(model, "state", new_state)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError
+
+_MISSING = object()
+
+
+class Transaction:
+    """Applies changes in order and remembers how to undo each; a context manager that rolls back on any exception
+    and defers SIGINT (Ctrl-C) until it is done, so neither a commit nor its rollback is cut in half."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+        self._interrupts: list[int] = []
+        self._handler: Any = None
+
+    def __enter__(self) -> Transaction:
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._handler = signal.signal(signal.SIGINT, lambda sig, frame: self._interrupts.append(sig))
+            except (ValueError, TypeError):  # no signal handling here (an embedded interpreter)
+                self._handler = None
+        return self
+
+    def __exit__(self, kind, value, tb) -> bool:
+        try:
+            if kind is not None:
+                self.rollback()
+        finally:
+            if self._handler is not None:
+                signal.signal(signal.SIGINT, self._handler)
+        if self._interrupts and kind is None:
+            raise KeyboardInterrupt
+        return False
+
+    def rollback(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    # ---- changes ---------------------------------------------------------------------------------------------
+    def call(self, do: Callable[[], Any], undo: Callable[[], Any]) -> None:
+        """Run ``do`` (one step that either happens or raises having changed nothing); ``undo`` reverses it."""
+        do()
+        self._undo.append(undo)
+
+    def setattr(self, obj: Any, name: str, value: Any) -> None:
+        old = getattr(obj, name, _MISSING)
+
+        def undo() -> None:
+            if old is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+        self.call(lambda: setattr(obj, name, value), undo)
+
+    def add_module(self, parent: nn.Module, name: str, module: nn.Module | None) -> None:
+        """Register ``module`` as ``parent.<name>`` (None: remove the child)."""
+        old = _child(parent, name)
+
+        def put(m: Any) -> None:
+            if m is _MISSING:
+                if _child(parent, name) is not _MISSING:
+                    delattr(parent, name)
+            else:
+                parent.register_module(name, m)
+        self.call(lambda: put(_MISSING if module is None else module), lambda: put(old))
+
+    def register_parameter(self, parent: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        """``parent.<name> = param`` as a parameter (None: remove it)."""
+        old = dict(parent.named_parameters(recurse=False)).get(name, _MISSING)
+
+        def put(p: Any) -> None:
+            if p is _MISSING:
+                if name in dict(parent.named_parameters(recurse=False)):
+                    delattr(parent, name)
+            else:
+                parent.register_parameter(name, p)
+        self.call(lambda: put(_MISSING if param is None else param), lambda: put(old))
+
+    def copy_(self, tensor: torch.Tensor, value: torch.Tensor, old: torch.Tensor | None = None) -> None:
+        """``tensor.copy_(value)`` in place; ``old``: an exact copy of the current value the caller already holds
+        (else one is taken)."""
+        with torch.no_grad():
+            saved = tensor.detach().clone() if old is None else old
+
+            def do() -> None:
+                with torch.no_grad():
+                    tensor.copy_(value)
+
+            def undo() -> None:
+                with torch.no_grad():
+                    tensor.copy_(saved)
+        self.call(do, undo)
+
+    def set_data(self, param: torch.Tensor, data: torch.Tensor) -> None:
+        """Give ``param`` other storage (``param.data = data``), dropping a gradient of the old shape."""
+        old, grad = param.data, param.grad
+
+        def do() -> None:
+            param.grad = None
+            param.data = data
+
+        def undo() -> None:
+            param.data = old
+            param.grad = grad
+        self.call(do, undo)
+
+    def requires_grad(self, param: torch.Tensor, flag: bool) -> None:
+        old = param.requires_grad
+        if old != flag:
+            self.call(lambda: param.requires_grad_(flag), lambda: param.requires_grad_(old))
+
+
+def _child(parent: nn.Module, name: str) -> Any:
+    try:
+        return parent.get_submodule(name)
+    except AttributeError:
+        return _MISSING
+
+
+class StateLock:
+    """Readers (calls) run together; a writer (a verb) runs alone, after the readers it found finish, and readers
+    that come while it waits queue behind it. Both are reentrant in their own thread; a thread that holds a read
+    cannot start a verb (that would wait for itself)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer: int | None = None
+        self._writer_depth = 0
+        self._waiting = 0
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        me, depth = threading.get_ident(), getattr(self._local, "reads", 0)
+        if depth or self._writer == me:
+            self._local.reads = depth + 1
+            try:
+                yield
+            finally:
+                self._local.reads = depth
+            return
+        with self._cond:
+            while self._writer is not None or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        self._local.reads = 1
+        try:
+            yield
+        finally:
+            self._local.reads = 0
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._writer == me:
+            self._writer_depth += 1
+            try:
+                yield
+            finally:
+                self._writer_depth -= 1
+            return
+        if getattr(self._local, "reads", 0):
+            raise AdapterError("A LoraModel verb (set_adapter, merge, load_adapter, ...) was called while this thread "
+                               "is inside a call of the same model (a forward hook? a streamer?); call it after the "
+                               "forward or generate returns.")
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._writer is not None or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._writer, self._writer_depth = me, 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = None
+                self._cond.notify_all()

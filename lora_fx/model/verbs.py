@@ -1,0 +1,189 @@
+"""What each adapter verb does, as pure planners: the current state in, a ``Change`` out (the next state and the
+writes to live objects its commit makes), nothing live touched. ``LoraModel`` commits a change in one transaction.
+
+Example::
+
+    change = plan_set(lm.state, ["a"])
+    change.state.active            # ("a",)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..adapters.store import AdapterEntry, adapter_dtype, check_adapter_name
+from ..adapters.unit import LoraUnit
+from ..bank.bank import plan_bank
+from ..errors import AdapterError, MergeError
+from ..passes.fold import apply, plan_fold, plan_unfold
+from ..rules import RuleLike, as_ruleset
+from ..rules.matching import match_targets
+from ..rules.model import resolve_for_model
+from ..targets import Target, base_weight, compute_dtype
+from ..variants.inits import is_weight_init, svd_init
+from .state import LoraState
+
+
+@dataclass
+class Change:
+    """A verb's outcome, built aside: the state to commit, the writes its commit makes (each ``effect(tx)``), the
+    verb's return value, and whether the graphs must be derived again."""
+
+    state: LoraState
+    effects: list[Callable[[Any], None]] = field(default_factory=list)
+    result: Any = None
+    derive: bool = True
+
+
+def copies(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[Any], None]:
+    """An effect copying each value into its tensor."""
+    def effect(tx: Any) -> None:
+        for tensor, value in pairs:
+            tx.copy_(tensor, value)
+    return effect
+
+
+def links(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> Callable[[Any], None]:
+    """An effect giving each parameter other storage (a bank slot, or its own again)."""
+    def effect(tx: Any) -> None:
+        for param, data in pairs:
+            tx.set_data(param, data)
+    return effect
+
+
+# ---- adapters -----------------------------------------------------------------------------------------------
+
+def new_entry(state: LoraState, name: str, rules: RuleLike, autocast: bool) -> tuple[AdapterEntry, list]:
+    """Adapter ``name``'s entry for the keys ``rules`` select (units initialised, not attached), and the
+    ``(weight, residual)`` writes of inits that take A and B from W."""
+    check_adapter_name(name)
+    if name in state.entries:
+        raise AdapterError(f"Adapter {name!r} already exists; choose another name.")
+    cap = state.captured
+    ruleset, saved = resolve_for_model(as_ruleset(rules), cap.source)
+    for path in saved:
+        block = next((b for b in cap.blocks if path == b or path.startswith(b + ".")), None)
+        if block is not None and path != block:
+            raise AdapterError(f"modules_to_save={path!r} lies inside the repeated block {block!r}, whose graph "
+                               "all blocks share; save a module outside the blocks (a head or an embedding).")
+    matched = match_targets(cap.targets, ruleset, type(cap.source).__name__)
+    units, residuals = [], []
+    for key, rule in matched.rules_by_key.items():
+        t = matched.first[key]
+        weight = base_weight(cap.graph_module, t.weight_path)
+        unit = LoraUnit(key, t.strategy, t.geometry, rule, device=weight.device,
+                        dtype=adapter_dtype(compute_dtype(t, weight), autocast))
+        unit.variant.init(unit, weight)
+        if is_weight_init(rule.init):  # PiSSA / OLoRA: A, B from W; the base keeps W - s·B A
+            if state.merge is not None:
+                raise MergeError(f"init={rule.init!r} rewrites base weights; unmerge() {state.merged} first.")
+            residuals.append((weight, svd_init(unit, weight)))
+        units.append(unit)
+    kept = {p: copy.deepcopy(m).requires_grad_(True) for p, m in saved.items()}
+    return AdapterEntry(units, kept, ruleset.bias, matched.unused_rules), residuals
+
+
+def with_entry(state: LoraState, name: str, entry: AdapterEntry, residuals: list | None = None,
+               frozen: bool = False) -> Change:
+    """The change that adds ``entry`` as adapter ``name`` (active if nothing is; the bank, if any, restacked)."""
+    active = state.active or (name,)
+    new = state.next(entries={**state.entries, name: entry}, active=active,
+                     frozen=state.frozen | {name} if frozen else state.frozen - {name})
+    check_active(new, list(active))
+    change = Change(new, [copies(residuals)] if residuals else [])
+    return restack(change)
+
+
+def plan_add(state: LoraState, name: str, rules: RuleLike, autocast: bool = True) -> Change:
+    entry, residuals = new_entry(state, name, rules, autocast)
+    return with_entry(state, name, entry, residuals)
+
+
+def check_active(state: LoraState, names: list[str]) -> None:
+    for name in names:
+        state.entry(name)  # raises for an unknown name
+    saved = [p for name in names for p in state.entries[name].saved_copies()]
+    if len(saved) != len(set(saved)):
+        raise AdapterError(f"Adapters {names} each keep a trained copy of the same module (modules_to_save); "
+                           "only one of them can be active at a time (PEFT refuses this too).")
+
+
+def plan_set(state: LoraState, names: str | Iterable[str]) -> Change:
+    """Make ``names`` the active adapters (routed graphs do not change: only the default route does)."""
+    names = [names] if isinstance(names, str) else list(names)
+    check_active(state, names)
+    if state.merge is not None and names != list(state.active):
+        raise MergeError(f"Adapters {state.merged} are merged into the weights; unmerge() before set_adapter.")
+    new = state.next(active=names)
+    if state.bank is None:
+        return Change(new)
+    slot = state.bank.slot_of(names[0]) if len(names) == 1 else state.bank.base
+    route = torch.full_like(state.bank.default_route, slot)
+    return Change(new, [copies([(state.bank.default_route, route)])], derive=False)
+
+
+def plan_delete(state: LoraState, name: str) -> Change:
+    if name in state.merged:
+        raise MergeError(f"Adapter {name!r} is merged into the weights; unmerge() before deleting it.")
+    state.entry(name)
+    entries = {n: e for n, e in state.entries.items() if n != name}
+    new = state.next(entries=entries, active=[a for a in state.active if a != name], frozen=state.frozen - {name})
+    return restack(Change(new))
+
+
+def restack(change: Change, max_rank: int | None = None) -> Change:
+    """``change`` with the adapter bank (if its state has one) rebuilt over its adapters and linked at commit (a
+    bank over no adapter is dropped)."""
+    state = change.state
+    if state.bank is None:
+        return change
+    if not state.entries:
+        change.state = state.next(bank=None)
+        return change
+    largest = max(u.r for _, u in state.iter_units())
+    rank = max(max_rank or state.bank.max_rank, largest)
+    default = state.active[0] if len(state.active) == 1 else None
+    bank, pairs = plan_bank(state.entries, rank, default)
+    change.state = state.next(bank=bank)
+    change.effects.append(links(pairs))
+    return change
+
+
+# ---- merging ------------------------------------------------------------------------------------------------
+
+def plan_merge(state: LoraState, adapter_names: str | Iterable[str] | None, *, safe: bool = False,
+               keep_original: bool = True, progress: Callable[[str], None] | None = None) -> Change:
+    if state.merge is not None:
+        raise MergeError(f"Adapters {state.merged} are already merged; unmerge() before merging again.")
+    if state.bank is not None:
+        raise MergeError("Adapters are routed per row through an adapter bank; merging would fold them into "
+                         "weights every row shares. remove_adapter_bank() first.")
+    names = list(state.active) if adapter_names is None else (
+        [adapter_names] if isinstance(adapter_names, str) else list(dict.fromkeys(adapter_names)))
+    if not names:
+        raise MergeError("No adapter to merge: no adapter is active; pass adapter_names=[...].")
+    units_by_key: dict[str, list] = {}
+    for name in names:
+        for key, unit in state.entry(name).by_key.items():
+            units_by_key.setdefault(key, []).append((name, unit))
+    targets: dict[str, list[Target]] = {}
+    for t in state.captured.targets:
+        if isinstance(t, Target):
+            targets.setdefault(t.key, []).append(t)
+    writes = plan_fold(state.captured, targets, units_by_key, names, safe=safe, keep_original=keep_original,
+                       progress=progress)
+    gm = state.captured.graph_module
+    return Change(state.next(merge=writes.state), [lambda tx: apply(writes, tx, gm)])
+
+
+def plan_unmerge(state: LoraState) -> Change:
+    if state.merge is None:
+        raise MergeError("Nothing is merged; call merge() first.")
+    writes = plan_unfold(state.captured, state.merge)
+    gm = state.captured.graph_module
+    return Change(state.next(merge=None), [lambda tx: apply(writes, tx, gm)])

@@ -1,0 +1,190 @@
+"""Adapter checkpoints in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor names are PEFT's: ``base_model.model.<key>.lora_A.weight`` / ``.lora_B.weight`` (embedding:
+``.lora_embedding_A`` / ``.lora_embedding_B``; each variant adds its own, see ``Variant.peft_tensors``). An adapter
+other than ``default`` lives in ``<dir>/<name>/``, as PEFT saves it. Files are written to a temporary name and
+renamed, so a crash never leaves half a file. Reading checks everything (names, shapes, dtypes) and returns what
+to copy where; the caller copies inside its transaction.
+
+Example::
+
+    lm.save_pretrained("out")                       # PeftModel.from_pretrained(model, "out") reads it
+    lm2 = lora_fx.from_peft(model, "out", example_inputs=(ids,))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from ..atomic import clean_temporaries, temp_write
+from ..errors import CheckpointError, preview
+from ..variants import sliced
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+def unit_tensors(unit: Any) -> dict[str, torch.Tensor]:
+    """PEFT's tensor name -> the unit's tensor (its variant's names; a padded bank slot: views of its true rank,
+    which copying into writes the slot)."""
+    return {f"{PREFIX}{unit.key}.{suffix}": t for suffix, t in unit.variant.peft_tensors(unit).items()}
+
+
+def file_tensors(unit: Any, value=lambda t: t) -> dict[str, torch.Tensor]:
+    """PEFT's tensor name -> what PEFT's file holds there for ``unit`` (``value`` maps each of the unit's tensors
+    first: a Trainer's state_dict entry, a gathered shard; output slices are written as PEFT's whole-layer B)."""
+    mine = {suffix: value(t) for suffix, t in unit.variant.peft_tensors(unit).items()}
+    return {f"{PREFIX}{unit.key}.{s}": t for s, t in unit.variant.saved_tensors(unit, mine).items()}
+
+
+def adapter_dir(path: str | os.PathLike, adapter_name: str) -> Path:
+    return Path(path) if adapter_name == "default" else Path(path) / adapter_name
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor, FSDP2) tensor gathered whole; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def prepare_dir(directory: Path) -> None:
+    """Create ``directory`` if needed (a dangling symlink or a file there is refused by name)."""
+    if directory.is_symlink() and not directory.exists():
+        raise CheckpointError(f"{directory} is a symlink to nothing; remove it or point it at a directory.")
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} exists and is not a directory; choose another path.")
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write one adapter's tensors (by PEFT name) and config into ``directory`` (created if needed) so that no
+    crash leaves a loadable mismatched pair: both files are written to temporary names first; then the old
+    config is removed, the weights renamed into place, and the config last. A crash in between leaves no
+    config (a loud "not found"), never new weights under an old config. Temporary files a killed save left
+    behind are removed first."""
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+    prepare_dir(directory)
+    clean_temporaries(directory, (WEIGHTS_NAME, CONFIG_NAME))
+    metadata = {"format": "pt", **(metadata or {})}
+    weights = temp_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
+    try:
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        config_tmp = temp_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    except BaseException:
+        weights.unlink(missing_ok=True)
+        raise
+    (directory / CONFIG_NAME).unlink(missing_ok=True)
+    os.replace(weights, directory / WEIGHTS_NAME)
+    os.replace(config_tmp, directory / CONFIG_NAME)
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: an adapter directory needs {CONFIG_NAME} (and {WEIGHTS_NAME}).")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-save the adapter.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}.")
+    return config
+
+
+def read_tensors(directory: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-save the adapter.") from None
+    pickled = directory / PICKLE_NAME
+    if pickled.is_file():
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{pickled} is a pickle, which can run code when loaded; lora_fx reads safetensors only. "
+                "Convert it to adapter_model.safetensors, or pass allow_pickle=True if you trust the file."
+            )
+        try:
+            return torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{pickled} could not be loaded ({e}).") from None
+    raise CheckpointError(f"{path} not found: the adapter directory has no {WEIGHTS_NAME}.")
+
+
+def strip_adapter_name(tensors: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+    """Accept ``...lora_A.<name>.weight`` (a PEFT state_dict saved by hand) as ``...lora_A.weight``."""
+    parts = "lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
+    pattern = re.compile(rf"\.({parts})\.{re.escape(adapter_name)}(?=\.|$)")
+    return {pattern.sub(r".\1", k): v for k, v in tensors.items()}
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: Path, strict: bool) -> None:
+    """Warn about (``strict``: refuse) tensors holding NaN or Inf, by name."""
+    bad = sorted(n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if not bad:
+        return
+    message = (f"{source}: tensors {preview(bad, 4)} hold NaN or Inf; the adapter would make the model's outputs "
+               "non-finite. Retrain or re-export it" + ("." if strict else " (strict_finite=True refuses it)."))
+    if strict:
+        raise CheckpointError(message)
+    warnings.warn(message, stacklevel=4)
+
+
+def fit(units: list, tensors: dict[str, torch.Tensor], source: Path,
+        extra: dict[str, torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Verify that ``tensors`` hold exactly the units' tensors (and ``extra``'s) with the right shapes; returns the
+    ``(destination, value)`` pairs to copy (nothing is copied here)."""
+    expected = {name: p for unit in units for name, p in unit_tensors(unit).items()}
+    expected.update(extra or {})
+    tensors = dict(tensors)
+    for unit in units:
+        prefix = f"{PREFIX}{unit.key}."
+        mine = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
+        tensors.update({prefix + s: t for s, t in unit.variant.loaded_tensors(unit, mine, source).items()})
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors {preview(missing, 4)}; the checkpoint does not fit "
+                              "this model (was it saved for another model or config?).")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensors {preview(unexpected, 4)} that no target of this "
+                              "model uses; the checkpoint was saved for another model or config.")
+    for name, param in expected.items():
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the model "
+                                  f"needs {tuple(param.shape)} (rank or feature size differ).")
+        if tensors[name].is_floating_point() != param.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensors[name].dtype}; the model holds "
+                                  f"{param.dtype} there.")
+    return [(param, tensors[name]) for name, param in expected.items()]
+
+
+def slices_metadata(units: list) -> dict[str, str]:
+    """The safetensors metadata that lets lora_fx read output-sliced units back with their ranges (PEFT ignores
+    it)."""
+    return sliced.write_metadata({u.key: u.variant.peft_metadata(u) for u in units
+                                  if isinstance(u.variant, sliced.Sliced)})
+
+
+def read_slices(directory: Path) -> dict[str, dict[str, Any]]:
+    """The output slices recorded in an adapter's safetensors metadata (key -> slices, r, alpha); {} if none."""
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        with safe_open(path, "pt") as f:
+            return sliced.read_metadata((f.metadata() or {}).get(sliced.Sliced.metadata_key()))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable lora_fx metadata ({e}); re-save the adapter.") from None

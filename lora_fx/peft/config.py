@@ -1,0 +1,176 @@
+"""Translate a ``peft.LoraConfig`` (or its JSON dict) into lora_fx rules, and an adapter's units back into the
+``adapter_config.json`` PEFT needs to rebuild them.
+
+``target_modules`` as a string is a full-match regex (``re:``); as a list, plain names (exact or dotted
+suffix). ``exclude_modules`` becomes leading exclude rules. ``rank_pattern`` / ``alpha_pattern`` keep
+PEFT's lookup: the first pattern ``p`` for which ``(.*\\.)?(p)$`` matches the key.
+
+Example::
+
+    ruleset_from_peft_config(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from ..errors import CheckpointError, RuleError
+from ..rules.rule import Rule, RuleSet
+from ..variants import inits, mixed, peft_fields, rule_fields
+
+# Options that change what PEFT builds and that this version does not reproduce: refuse, never ignore.
+_UNSUPPORTED_WHEN_SET = (
+    "megatron_config", "trainable_token_indices",
+    "eva_config", "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
+    "monteclora_config", "layer_replication", "target_parameters", "arrow_config", "kasa_config", "use_bdlora",
+)
+_UNSUPPORTED_WHEN_TRUE = ("use_qalora", "ensure_weight_tying")
+
+
+def is_peft_config(obj: Any) -> bool:
+    """Whether ``obj`` is a ``peft.LoraConfig`` (checked by name: PEFT need not be imported)."""
+    return any(c.__name__ == "LoraConfig" for c in type(obj).__mro__) and hasattr(obj, "target_modules")
+
+
+def config_fields(config: Any) -> dict[str, Any]:
+    """A LoraConfig object or an adapter_config.json dict as a plain dict."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    return {k: getattr(config, k) for k in dir(config) if not k.startswith("_") and not callable(getattr(config, k))}
+
+
+def ruleset_from_peft_config(config: Any) -> RuleSet:
+    """Rules equivalent to PEFT's targeting for ``config`` (a LoraConfig or its dict form)."""
+    c = config_fields(config)
+    peft_type = str(c.get("peft_type", "LORA")).split(".")[-1].upper()
+    if peft_type != "LORA":
+        raise RuleError(f"PEFT config has peft_type={peft_type!r}; lora_fx reads LoRA configs only.")
+    for name in _UNSUPPORTED_WHEN_SET:
+        if c.get(name) not in (None, [], {}, ""):
+            raise RuleError(
+                f"LoraConfig.{name}={c[name]!r} is not supported by this version of lora_fx; "
+                f"remove it from the config or express the targeting with lora_fx Rules."
+            )
+    for name in _UNSUPPORTED_WHEN_TRUE:
+        if c.get(name):
+            raise RuleError(f"LoraConfig.{name}=True is not supported by this version of lora_fx; set it to False.")
+    _check_values(c)
+    init = c.get("init_lora_weights", True)
+    if init == "default" or not inits.is_init(init):
+        raise RuleError(
+            f"LoraConfig.init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
+            "'pissa_niter_<K>' or 'olora'."
+        )
+
+    targets = c.get("target_modules")
+    if targets is None:
+        raise RuleError(
+            "LoraConfig.target_modules=None: lora_fx has no per-architecture default; name the targets, "
+            "e.g. ['q_proj', 'v_proj'], a regex like '.*\\.(q|v)_proj', or 'all-linear'."
+        )
+    all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
+    match = "*" if all_linear else "re:" + targets if isinstance(targets, str) else tuple(sorted(targets))
+    hyper = dict(
+        r=c.get("r", 8), alpha=c.get("lora_alpha", 8), dropout=c.get("lora_dropout", 0.0),
+        init=init, use_rslora=bool(c.get("use_rslora", False)), **rule_fields(c),
+    )
+    rules = []
+    excludes = c.get("exclude_modules")
+    if excludes:
+        ex_match = "re:" + excludes if isinstance(excludes, str) else tuple(sorted(excludes))
+        rules.append(Rule(ex_match, exclude=True))
+    rules.append(Rule(match, kinds={"linear"} if all_linear else None, **hyper))
+    layers, pattern = c.get("layers_to_transform"), c.get("layers_pattern")
+    if isinstance(targets, str) or layers in (None, []):  # PEFT applies layers_to_transform to lists only
+        layers = None
+    elif isinstance(layers, int):
+        layers = (layers,)
+    if isinstance(pattern, str):
+        pattern = (pattern,)
+    return RuleSet(rules, dict(c.get("rank_pattern") or {}), dict(c.get("alpha_pattern") or {}),
+                   layers=tuple(layers) if layers is not None else None,
+                   layers_pattern=tuple(pattern) if pattern else None, exclude_output_layer=all_linear,
+                   bias=c.get("bias", "none") or "none",
+                   modules_to_save=tuple(c["modules_to_save"]) if c.get("modules_to_save") else None)
+
+
+def with_slices(ruleset: RuleSet, sliced: Mapping[str, Mapping[str, Any]]) -> RuleSet:
+    """``ruleset`` with the output-sliced keys a lora_fx checkpoint records (``variants.sliced.METADATA``) first:
+    each gets its own rule and its own rank/alpha pattern, ahead of the whole-layer rank PEFT's config names."""
+    if not sliced:
+        return ruleset
+    base = next(rule for rule in reversed(ruleset.rules) if not rule.exclude)
+    rules, ranks, alphas = [], {}, {}
+    for key, s in sliced.items():
+        exact = re.escape(key)
+        rules.append(replace(base, match="re:" + exact, kinds=None, r=s["r"], alpha=s["alpha"],
+                             out_slices=tuple(tuple(p) for p in s["slices"])))
+        ranks[exact], alphas[exact] = s["r"], s["alpha"]
+    return replace(ruleset, rules=[*rules, *ruleset.rules], rank_pattern={**ranks, **ruleset.rank_pattern},
+                   alpha_pattern={**alphas, **ruleset.alpha_pattern})
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_values(c: dict[str, Any]) -> None:
+    """Refuse ill-typed fields by name before anything is built (a rank must be an integer: 4.9 is not 4)."""
+    fields = {"r": c.get("r", 8), **{f"rank_pattern[{k!r}]": v for k, v in (c.get("rank_pattern") or {}).items()}}
+    for name, value in fields.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise RuleError(f"LoraConfig.{name}={value!r}: a rank must be a positive integer.")
+    alphas = {"lora_alpha": c.get("lora_alpha", 8),
+              **{f"alpha_pattern[{k!r}]": v for k, v in (c.get("alpha_pattern") or {}).items()}}
+    for name, value in alphas.items():
+        if not _number(value):
+            raise RuleError(f"LoraConfig.{name}={value!r}: alpha must be a number.")
+    dropout = c.get("lora_dropout", 0.0)
+    if not _number(dropout) or not 0 <= dropout < 1:
+        raise RuleError(f"LoraConfig.lora_dropout={dropout!r}: use a number in [0, 1).")
+    for field in ("rank_pattern", "alpha_pattern"):
+        for pattern in c.get(field) or {}:
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except (re.error, TypeError) as e:
+                raise RuleError(f"LoraConfig.{field} key {pattern!r} is not a valid regular expression "
+                                f"({e}).") from None
+
+
+def config_for_units(units: list, fan_in_fan_out: bool, base_model: str | None, bias: str = "none") -> dict[str, Any]:
+    """A LoraConfig dict that makes PEFT build exactly these units (per-key r/alpha as patterns)."""
+    r = Counter(u.variant.peft_rank(u) for u in units).most_common(1)[0][0]
+    alpha = Counter(u.variant.peft_alpha(u) for u in units).most_common(1)[0][0]
+    dropouts = Counter(u.dropout_p for u in units)
+    if len(dropouts) > 1:
+        warnings.warn(f"PEFT has one lora_dropout per adapter; saving the most common of {sorted(dropouts)}.",
+                      stacklevel=4)
+    rslora = {u.use_rslora for u in units}
+    clash = (["use_rslora"] if len(rslora) > 1 else []) + mixed(u.variant for u in units)
+    if clash:
+        raise CheckpointError(f"PEFT cannot express an adapter that mixes {' / '.join(clash)} True and False across "
+                              "keys; save the two groups as separate adapters.")
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "inference_mode": True,
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.most_common(1)[0][0],
+        "target_modules": sorted(u.key for u in units), "exclude_modules": None,
+        "rank_pattern": {u.key: u.variant.peft_rank(u) for u in units if u.variant.peft_rank(u) != r},
+        "alpha_pattern": {u.key: u.variant.peft_alpha(u) for u in units if u.variant.peft_alpha(u) != alpha},
+        "fan_in_fan_out": fan_in_fan_out, "bias": bias, "use_rslora": rslora.pop(),
+        "modules_to_save": None, "init_lora_weights": _init_for_peft(units), "layers_to_transform": None,
+        "layers_pattern": None, **peft_fields(u.variant for u in units),
+    }
+
+
+def _init_for_peft(units: list) -> bool | str:
+    """Inits from W keep their scheme, so PEFT re-derives the residual base when loading them."""
+    schemes = {u.init for u in units if inits.is_weight_init(u.init)}
+    if len(schemes) > 1 or (schemes and len(schemes) != len({u.init for u in units})):
+        raise CheckpointError(f"PEFT cannot express an adapter that mixes inits {sorted(map(str, schemes))} with "
+                              "others; save them as separate adapters.")
+    return schemes.pop() if schemes else True

@@ -1,0 +1,60 @@
+"""Match rules against found targets: which keys get LoRA, with which rule, and which rules went unused.
+
+Example::
+
+    m = match_targets(find_targets(gm, model), as_ruleset(["q_proj", "v_proj"]), "LlamaForCausalLM")
+    m.rules_by_key["model.layers.0.self_attn.q_proj"].r
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import RuleError, preview
+from ..targets import Target, Unsupported
+from .rule import Rule, RuleSet
+
+
+@dataclass
+class Matched:
+    targets: list[Target]  # matched target nodes, in graph order (a key may have several nodes)
+    rules_by_key: dict[str, Rule]  # the effective rule (per-key overrides applied) of each key, in graph order
+    unused_rules: list[str]  # labels of rules that decided no key
+
+    @property
+    def first(self) -> dict[str, Target]:
+        """The first target node of each key."""
+        out: dict[str, Target] = {}
+        for t in self.targets:
+            out.setdefault(t.key, t)
+        return out
+
+
+def match_targets(found: list[Target | Unsupported], ruleset: RuleSet, model_name: str) -> Matched:
+    """Apply ``ruleset`` to ``found``; raise RuleError when nothing matches or an unsupported node does."""
+    targets, rules_by_key, used = [], {}, set()
+    for t in found:
+        rule = ruleset.decide(t.key, t.kind)
+        if rule is None:
+            continue
+        used.add(id(rule))
+        if rule.exclude:
+            continue
+        if isinstance(t, Unsupported):
+            raise RuleError(
+                f"Rule {rule.label} matches {t.key!r} (node {t.node!r}, kind {t.kind!r}), which lora_fx "
+                f"cannot adapt: {t.reason}. Exclude it with Rule({t.key!r}, exclude=True) or narrow the rule."
+            )
+        targets.append(t)
+        rules_by_key[t.key] = ruleset.effective(rule, t.key)
+    if not targets:
+        keys = sorted({t.key for t in found if isinstance(t, Target)})
+        labels = [r.label for r in ruleset.rules if not r.exclude]
+        raise RuleError(
+            f"Rules {', '.join(labels)} matched no target in {model_name}. "
+            + (f"Targetable keys include: {preview(keys)}. " if keys else "The model has no targetable layer. ")
+            + "A plain name matches a key or its last dotted parts, a glob matches the whole key, "
+            "'re:...' is a full-match regex."
+        )
+    unused = [r.label for r in ruleset.rules if id(r) not in used]
+    return Matched(targets, rules_by_key, unused)

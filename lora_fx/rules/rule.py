@@ -1,0 +1,188 @@
+"""Rules: which graph targets get LoRA, and with which hyper-parameters.
+
+Rules are ordered; the first rule that matches a target's key decides. An ``exclude`` rule that
+matches stops the search (the target gets no LoRA). Matching on a key ``k``:
+
+- plain name ``"q_proj"``: ``k == "q_proj"`` or ``k.endswith(".q_proj")`` (PEFT's list semantics);
+- glob (contains ``* ? [``): ``fnmatch(k, pattern)`` over the whole key;
+- ``"re:<regex>"``: ``re.fullmatch(regex, k)``.
+
+Example::
+
+    rules = [Rule("lm_head", exclude=True), Rule("re:.*layers\\.[01]\\..*_proj", r=16, alpha=32), "fc*"]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..errors import RuleError
+from ..kinds import KINDS
+from ..variants import inits
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One targeting rule with the LoRA hyper-parameters it assigns.
+
+    ``y = W x + s · B A dropout(x)`` with ``s = alpha / r`` (``alpha / sqrt(r)`` when ``use_rslora``).
+
+    Example::
+
+        Rule(["q_proj", "v_proj"], r=8, alpha=16, dropout=0.05)
+    """
+
+    match: str | tuple[str, ...]
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    kinds: frozenset[str] | None = None
+    exclude: bool = False
+    init: bool | str = "default"
+    use_rslora: bool = False
+    use_dora: bool = False
+    lora_bias: bool = False  # PEFT's lora_bias: B gets a bias, ``delta = s·(B A x + b)``
+    out_slices: tuple[tuple[int, int], ...] | None = None  # output ranges with their own A and B (fused qkv)
+
+    def __post_init__(self) -> None:
+        patterns = (self.match,) if isinstance(self.match, str) else tuple(self.match)
+        object.__setattr__(self, "match", patterns if len(patterns) != 1 else patterns[0])
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise RuleError(f"{self!r}: match must be a non-empty string or a sequence of them.")
+        for p in patterns:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise RuleError(f"Rule {p!r}: invalid regular expression ({e}).") from None
+        if self.kinds is not None:
+            kinds = frozenset([self.kinds] if isinstance(self.kinds, str) else self.kinds)
+            unknown = kinds - set(KINDS)
+            if unknown:
+                raise RuleError(f"Rule {self.label}: unknown kinds {sorted(unknown)}; use any of {sorted(KINDS)}.")
+            object.__setattr__(self, "kinds", kinds)
+        if self.exclude:
+            return
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise RuleError(f"Rule {self.label}: r must be a positive integer, got {self.r!r}.")
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)
+                or self.alpha <= 0):
+            raise RuleError(f"Rule {self.label}: alpha must be a positive number, got {self.alpha!r}.")
+        dropout_ok = isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+        if not dropout_ok or not 0.0 <= self.dropout < 1.0:
+            raise RuleError(f"Rule {self.label}: dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.lora_bias and self.use_dora:
+            raise RuleError(f"Rule {self.label}: lora_bias=True is not supported with DoRA (PEFT refuses it too).")
+        if self.out_slices is not None:
+            object.__setattr__(self, "out_slices", _check_slices(self.label, self.out_slices))
+            if self.use_dora or self.lora_bias or inits.is_weight_init(self.init):
+                raise RuleError(f"Rule {self.label}: out_slices gives each slice its own A and B; DoRA, lora_bias "
+                                "and PiSSA/OLoRA describe the whole layer. Drop them or the slices.")
+        if not inits.is_init(self.init):
+            raise RuleError(f"Rule {self.label}: init must be one of {inits.NAMES}, got {self.init!r}.")
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return (self.match,) if isinstance(self.match, str) else self.match
+
+    @property
+    def label(self) -> str:
+        return repr(self.match)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def matches(self, key: str, kind: str) -> bool:
+        if self.kinds is not None and kind not in self.kinds:
+            return False
+        return any(match_pattern(p, key) for p in self.patterns)
+
+
+def _check_slices(label: str, slices: Any) -> tuple[tuple[int, int], ...]:
+    """``slices`` as sorted ``((start, stop), ...)``; refuses empty, reversed or overlapping ranges."""
+    try:
+        out = tuple(sorted((int(a), int(b)) for a, b in slices))
+        exact = all(isinstance(v, int) and not isinstance(v, bool) for pair in slices for v in pair)
+    except (TypeError, ValueError):
+        exact = False
+    if not exact or not out:
+        raise RuleError(f"Rule {label}: out_slices must be a non-empty sequence of (start, stop) integer pairs, got "
+                        f"{slices!r}.")
+    for (a, b), nxt in zip(out, out[1:] + ((None, None),)):
+        if a < 0 or b <= a:
+            raise RuleError(f"Rule {label}: out_slices range ({a}, {b}) is empty or negative; use 0 <= start < stop.")
+        if nxt[0] is not None and nxt[0] < b:
+            raise RuleError(f"Rule {label}: out_slices ranges ({a}, {b}) and {nxt} overlap; each output feature "
+                            "belongs to one slice at most.")
+    return out
+
+
+def match_pattern(pattern: str, key: str) -> bool:
+    """True when ``pattern`` (plain name, glob or ``re:`` regex) matches ``key``."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], key) is not None
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(key, pattern)
+    return key == pattern or key.endswith("." + pattern)
+
+
+def _pattern_key(patterns: Iterable[str], key: str) -> str | None:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: first pattern p with ``(.*\\.)?(p)$`` matching."""
+    for p in patterns:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return p
+    return None
+
+
+def layer_index(key: str, layers_pattern: tuple[str, ...] | None) -> int | None:
+    """PEFT's layer index of a key: the first number after ``<pattern>.`` (any segment when no pattern)."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        m = next((m for p in layers_pattern if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key))), None)
+    return int(m["idx"]) if m else None
+
+
+@dataclass
+class RuleSet:
+    """Ordered rules plus PEFT's per-key options: ``rank_pattern`` / ``alpha_pattern`` overrides,
+    ``layers`` (``layers_to_transform``, with ``layers_pattern``) and ``exclude_output_layer`` (all-linear)."""
+
+    rules: list[Rule]
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None
+    exclude_output_layer: bool = False
+    bias: str = "none"  # PEFT's bias: "none" | "all" (every bias trainable) | "lora_only" (targeted layers')
+    modules_to_save: tuple[str, ...] | None = None  # PEFT's: whole modules trained as copies, saved in full
+
+    def __post_init__(self) -> None:
+        if self.bias not in BIAS_MODES:
+            raise RuleError(f"bias={self.bias!r}: use one of {BIAS_MODES}.")
+
+    def decide(self, key: str, kind: str) -> Rule | None:
+        """The first rule that matches (an exclude rule included), or None."""
+        rule = next((rule for rule in self.rules if rule.matches(key, kind)), None)
+        if rule is not None and not rule.exclude and self.layers is not None:
+            if layer_index(key, self.layers_pattern) not in self.layers:
+                return None
+        return rule
+
+    def effective(self, rule: Rule, key: str) -> Rule:
+        """``rule`` with PEFT's per-key ``rank_pattern`` / ``alpha_pattern`` overrides applied."""
+        r_key = _pattern_key(self.rank_pattern, key)
+        a_key = _pattern_key(self.alpha_pattern, key)
+        if r_key is None and a_key is None:
+            return rule
+        r = self.rank_pattern[r_key] if r_key is not None else rule.r
+        alpha = self.alpha_pattern[a_key] if a_key is not None else rule.alpha
+        return replace(rule, r=r, alpha=alpha)

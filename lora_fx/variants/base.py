@@ -1,0 +1,131 @@
+"""A unit's variant: what its adapter is beyond its kind. ``Variant`` itself is plain LoRA; DoRA, a LoRA bias and
+output slices subclass it (``dora``, ``biased``, ``sliced``), and a new PEFT variant is one more subclass plus a
+line in the registry (``variants/__init__``).
+
+A variant owns, for its units: the parameters (``shapes``, ``extra_parameters``), what it does at init beyond the
+kind's random draws (``init``), the graph branch it emits (``emit``), ``s·ΔW`` and how it folds into W
+(``delta``, ``merge_factor``, ``bias_delta``), and PEFT's names and shapes for its tensors (``peft_tensors``,
+``peft_rank``, ``peft_alpha``). It declares what it supports (``routable``, ``fusable``, ``combinable``,
+``stacks``); callers ask these and ``refusal(operation)`` names the variant in their errors. For plain LoRA on a
+linear target the branch is::
+
+    y' = y + s · B A dropout(x)              ΔW = s · B A
+
+Example::
+
+    unit.variant.delta(unit, torch.float32)           # s·ΔW in the base weight's layout
+    unit.variant.routable                             # may it sit in an adapter bank?
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx, nn
+
+if TYPE_CHECKING:
+    from ..adapters.unit import LoraUnit
+
+
+class Variant:
+    name = "lora"
+    label = "plain LoRA"  # how errors name it
+    field = ""  # the Rule / LoraConfig field that selects it (set by the registry)
+    routable = True  # its units can be slots of an adapter bank (per-row routing, hot swap)
+    fusable = True  # sibling fusion may compute its branch (linear targets)
+    combinable = True  # add_weighted_adapter may combine it
+    stacks = True  # it merges into W together with other adapters on the same key
+    casts_output = True  # its branch output is cast back to the base dtype by the insert pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def refusal(self, operation: str) -> str:
+        return f"{self.label} does not support {operation}"
+
+    def signature(self) -> tuple:
+        """What this variant's branch nodes depend on besides the unit's own scalars (shared block programs)."""
+        return (self.name,)
+
+    # ---- parameters -----------------------------------------------------------------------------------
+    def check(self, key: str, kind: Any, geometry: Any, r: int) -> None:
+        """Refuse a target this variant cannot adapt (RuleError naming the key)."""
+
+    def shapes(self, kind: Any, geometry: Any, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of A and B as the unit holds them."""
+        return kind.shapes(geometry, r)
+
+    def extra_parameters(self, kind: Any, geometry: Any, dtype: torch.dtype,
+                         device: torch.device) -> dict[str, nn.Parameter]:
+        """Parameters besides A and B, by attribute name (PEFT's init values)."""
+        return {}
+
+    def init(self, unit: LoraUnit, weight: torch.Tensor) -> None:
+        """What the variant sets from the base weight once A and B are initialised."""
+
+    # ---- weights ---------------------------------------------------------------------------------------
+    def whole_b(self, unit: LoraUnit, b: torch.Tensor | None = None) -> torch.Tensor:
+        """B in PEFT's whole-layer layout (``b``: another tensor in the unit's B layout, e.g. a saved one)."""
+        return unit.lora_B if b is None else b
+
+    def delta(self, unit: LoraUnit, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``s · ΔW`` in ``dtype``, in the base weight's layout and shape (detached)."""
+        a, b = unit.lora_A.detach().to(dtype), self.whole_b(unit).detach().to(dtype)
+        return unit.strategy.delta(a, b, unit.scaling, unit.geometry)  # a padded bank slot's extra rank is zero
+
+    def merge_factor(self, unit: LoraUnit, weight: torch.Tensor) -> torch.Tensor | None:
+        """A per-output factor the merged weight ``W + s·ΔW`` is multiplied by (None: none)."""
+        return None
+
+    def bias_delta(self, unit: LoraUnit, dtype: torch.dtype) -> torch.Tensor | None:
+        """What merging adds to the base bias (None: nothing)."""
+        return None
+
+    # ---- PEFT's format ----------------------------------------------------------------------------------
+    def peft_rank(self, unit: LoraUnit) -> int:
+        return unit.r
+
+    def peft_alpha(self, unit: LoraUnit) -> float:
+        return unit.alpha
+
+    def peft_tensors(self, unit: LoraUnit) -> dict[str, torch.Tensor]:
+        """PEFT's tensor-name suffix -> the unit's tensor (views of the true rank of a padded bank slot: copying
+        into them writes the unit)."""
+        kind, a, b = unit.strategy, unit.lora_A, unit.lora_B
+        if tuple(a.shape) != tuple(self.shapes(kind, unit.geometry, unit.r)[0]):  # a padded bank slot
+            a, b = a[:unit.r], b[:, :unit.r]
+        return {kind.peft_a: a, kind.peft_b: b}
+
+    def saved_tensors(self, unit: LoraUnit, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``peft_tensors``-named values as PEFT's file holds them (whole-layer layouts)."""
+        return tensors
+
+    def loaded_tensors(self, unit: LoraUnit, tensors: dict[str, torch.Tensor], source: Any) -> dict[str, torch.Tensor]:
+        """The inverse of ``saved_tensors`` for values read from a file (refusing what does not fit)."""
+        return tensors
+
+    def peft_metadata(self, unit: LoraUnit) -> dict[str, Any] | None:
+        """What lora_fx records beside PEFT's tensors to read the unit back as this variant (None: nothing)."""
+        return None
+
+    def report_rows(self, unit: LoraUnit, row: dict) -> list[dict]:
+        return [row]
+
+    # ---- graph ------------------------------------------------------------------------------------------
+    def emit(self, bb: Any) -> fx.Node:
+        """The branch nodes after the base node (``bb``: the insert pass's BranchBuilder); returns the new output."""
+        x = bb.activation()
+        delta = bb.kind.emit(bb.graph, bb.geometry, x, bb.tensor("lora_A"), self.b_node(bb), self.b_bias(bb), bb.new)
+        scaled = bb.new("call_function", operator.mul, (delta, bb.unit.scaling), "lora_scaled")
+        return bb.new("call_function", operator.add, (bb.y, scaled), "lora")
+
+    def b_node(self, bb: Any) -> fx.Node:
+        return bb.tensor("lora_B")
+
+    def b_bias(self, bb: Any) -> fx.Node | None:
+        return None
+
+
+PLAIN = Variant()

@@ -25,21 +25,36 @@ from ..errors import AdapterError
 _MISSING = object()
 
 
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """SIGINT (Ctrl-C) that arrives inside is delivered as KeyboardInterrupt at the end (main thread only)."""
+    received: list[int] = []
+    handler: Any = None
+    if threading.current_thread() is threading.main_thread():
+        try:
+            handler = signal.signal(signal.SIGINT, lambda sig, frame: received.append(sig))
+        except (ValueError, TypeError):  # no signal handling here (an embedded interpreter)
+            handler = None
+    try:
+        yield
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 class Transaction:
     """Applies changes in order and remembers how to undo each; a context manager that rolls back on any exception
     and defers SIGINT (Ctrl-C) until it is done, so neither a commit nor its rollback is cut in half."""
 
     def __init__(self) -> None:
         self._undo: list[Callable[[], None]] = []
-        self._interrupts: list[int] = []
-        self._handler: Any = None
+        self._deferred: Any = None
 
     def __enter__(self) -> Transaction:
-        if threading.current_thread() is threading.main_thread():
-            try:
-                self._handler = signal.signal(signal.SIGINT, lambda sig, frame: self._interrupts.append(sig))
-            except (ValueError, TypeError):  # no signal handling here (an embedded interpreter)
-                self._handler = None
+        self._deferred = deferred_interrupts()
+        self._deferred.__enter__()
         return self
 
     def __exit__(self, kind, value, tb) -> bool:
@@ -47,10 +62,7 @@ class Transaction:
             if kind is not None:
                 self.rollback()
         finally:
-            if self._handler is not None:
-                signal.signal(signal.SIGINT, self._handler)
-        if self._interrupts and kind is None:
-            raise KeyboardInterrupt
+            self._deferred.__exit__(None, None, None)
         return False
 
     def rollback(self) -> None:
@@ -59,18 +71,19 @@ class Transaction:
 
     # ---- changes ---------------------------------------------------------------------------------------------
     def call(self, do: Callable[[], Any], undo: Callable[[], Any]) -> None:
-        """Run ``do`` (one step that either happens or raises having changed nothing); ``undo`` reverses it."""
-        do()
+        """Run ``do``; ``undo`` puts back what it changes, and is safe to run however far ``do`` got (it restores
+        values taken before ``do`` ran), so it is registered first."""
         self._undo.append(undo)
+        do()
 
     def setattr(self, obj: Any, name: str, value: Any) -> None:
         old = getattr(obj, name, _MISSING)
 
         def undo() -> None:
-            if old is _MISSING:
-                delattr(obj, name)
-            else:
+            if old is not _MISSING:
                 setattr(obj, name, old)
+            elif name in vars(obj):
+                delattr(obj, name)
         self.call(lambda: setattr(obj, name, value), undo)
 
     def add_module(self, parent: nn.Module, name: str, module: nn.Module | None) -> None:
@@ -169,11 +182,12 @@ class StateLock:
         try:
             yield
         finally:
-            self._local.reads = 0
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            with deferred_interrupts():
+                self._local.reads = 0
+                with self._cond:
+                    self._readers -= 1
+                    if not self._readers:
+                        self._cond.notify_all()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
@@ -200,6 +214,6 @@ class StateLock:
         try:
             yield
         finally:
-            with self._cond:
+            with deferred_interrupts(), self._cond:
                 self._writer = None
                 self._cond.notify_all()

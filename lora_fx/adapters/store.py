@@ -79,11 +79,17 @@ class AdapterStore(nn.Module):
         return self._modules.get(BANK)
 
     # ---- what a commit does (through a transaction) ----------------------------------------------------
-    def attach(self, name: str, entry: nn.Module) -> None:
-        self.add_module(name, entry)
+    def hold(self, entries: Mapping[str, nn.Module], bank: nn.Module | None) -> None:
+        """Make ``entries`` (in order) and ``bank`` the store's children, and nothing else."""
+        self._modules.clear()
+        for name, entry in entries.items():
+            self.add_module(name, entry)
+        if bank is not None:
+            self.add_module(BANK, bank)
 
-    def detach(self, name: str) -> None:
-        del self._modules[name]
+    def held(self) -> tuple[dict[str, nn.Module], nn.Module | None]:
+        """What ``hold`` would put back: the entries in order and the bank."""
+        return {n: self._modules[n] for n in self.names}, self.bank
 
     # ---- reading ------------------------------------------------------------------------------------------
     @property

@@ -139,12 +139,8 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, m
     pad = pad if pad is not None else (eos[0] if eos else 0)
     entry = graphs_for(lm, batch, cache_len)
     with entry.lock:  # one generation at a time per entry: it owns the KV cache
-        while True:
-            entry = lm.update_entry(entry)
-            with lm.reading():  # the graphs of one state: no verb commits until the last token
-                if entry.version == lm.state.version:
-                    return _loop(lm, input_ids, mask, entry, cache_len, max_new_tokens, sampling, eos, pad,
-                                 lm.route_kwargs(adapter_names))
+        return lm.run_state(entry, lambda: _loop(lm, input_ids, mask, entry, cache_len, max_new_tokens, sampling,
+                                                 eos, pad, lm.route_kwargs(adapter_names)))
 
 
 def _loop(lm, input_ids, mask, entry, cache_len, max_new_tokens, sampling, eos, pad, route) -> torch.Tensor:

@@ -62,15 +62,9 @@ class CallsMixin:
         return self.run_entry(entry, lambda route: target.graph_module(*positional, **call, **route), adapter_names)
 
     def run_entry(self, entry: Any, run: Any, adapter_names: list[str] | None) -> Any:
-        """``run(route_kwargs)`` under ``reading()``, once ``entry`` (None: the training graph) is derived for the
-        committed state: the seam every call of a graph goes through."""
-        if torch.compiler.is_compiling():
-            return run(self._route(adapter_names))
-        while True:
-            with self.reading():
-                if entry is None or entry.version == self._state.version:
-                    return run(self._route(adapter_names))
-            entry = self.update_entry(entry)
+        """``run(route_kwargs)`` on the graphs of the committed state (``run_state``); the route is computed
+        there, from the state the graphs belong to."""
+        return self.run_state(entry, lambda: run(self._route(adapter_names)))
 
     def _route(self, adapter_names: list[str] | None) -> dict[str, Any]:
         """The call's ``lora_route`` keyword (none when the graphs are not routed)."""

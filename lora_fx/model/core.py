@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import replace
 from typing import Any
@@ -160,14 +161,9 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
 
     def _sync_store(self, tx: Transaction, new: LoraState) -> None:
         store = new.store
-        for name in store.names:
-            if name not in new.entries:
-                tx.add_module(store, name, None)
-        for name, entry in new.entries.items():
-            if getattr(store, name, None) is not entry:
-                tx.add_module(store, name, entry)
-        if store.bank is not new.bank:
-            tx.add_module(store, BANK, new.bank)
+        old = store.held()
+        if old != (dict(new.entries), new.bank):
+            tx.call(lambda: store.hold(new.entries, new.bank), lambda: store.hold(*old))
         tx.setattr(store, "active", list(new.active))
 
     def _freeze(self, tx: Transaction, state: LoraState) -> None:
@@ -191,23 +187,40 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
         return self.update_entry(entry)
 
     def update_entry(self, entry: Entry) -> Entry:
-        """Derive ``entry``'s capture again if a verb committed since it was derived."""
-        while entry.version != self._state.version:
+        """Derive ``entry``'s captures again if a verb committed since they were derived."""
+        if entry.version != self._state.version:
             with self._lock.write():
-                state = self._state
-                if entry.version == state.version:
-                    break
-                plan = state.plan(prefix=entry.prefix, strip=entry.strip)
-                derived = [build(cap, plan) for cap in entry.caps]
-                attach = {state.store_name: state.store}
-                if hasattr(self.graph_module, HOLDER):
-                    attach[HOLDER] = getattr(self.graph_module, HOLDER)
-                with Transaction() as tx:
-                    for d in derived:
-                        install(d, tx, attach)
-                    tx.setattr(entry, "extra", {})
-                    tx.setattr(entry, "version", state.version)
+                self._derive_entry(entry)
         return entry
+
+    def run_state(self, entry: Entry | None, fn: Callable[[], Any]) -> Any:
+        """``fn()`` while no verb commits, with ``entry`` (None: the training graph) derived for the committed state:
+        the seam every call of a graph goes through."""
+        if torch.compiler.is_compiling():
+            return fn()
+        with self._lock.read():
+            if entry is None or entry.version == self._state.version:
+                return fn()
+        with contextlib.ExitStack() as reading:
+            with self._lock.write():
+                self._derive_entry(entry)
+                reading.enter_context(self._lock.read())  # held past the write: no commit in between
+            return fn()
+
+    def _derive_entry(self, entry: Entry) -> None:
+        state = self._state
+        if entry.version == state.version:
+            return
+        plan = state.plan(prefix=entry.prefix, strip=entry.strip)
+        derived = [build(cap, plan) for cap in entry.caps]
+        attach = {state.store_name: state.store}
+        if hasattr(self.graph_module, HOLDER):
+            attach[HOLDER] = getattr(self.graph_module, HOLDER)
+        with Transaction() as tx:
+            for d in derived:
+                install(d, tx, attach)
+            tx.setattr(entry, "extra", {})
+            tx.setattr(entry, "version", state.version)
 
     def reading(self) -> Any:
         """A context in which no verb commits (calls hold it while they run graphs of one state version)."""
@@ -296,7 +309,8 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
         with Transaction() as tx:
             if state.bank is not None:
                 links(own_storage(state.entries))(tx)
-                tx.add_module(store, BANK, None)
+                old = store.held()
+                tx.call(lambda: store.hold(state.entries, None), lambda: store.hold(*old))
             if keep_saved:  # the active adapter's trained copies of modules_to_save replace the originals
                 for name in state.active:
                     for path, (_, module) in state.entries[name].saved_copies().items():

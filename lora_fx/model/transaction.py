@@ -153,21 +153,27 @@ def _child(parent: nn.Module, name: str) -> Any:
 
 class StateLock:
     """Readers (calls) run together; a writer (a verb) runs alone, after the readers it found finish, and readers
-    that come while it waits queue behind it. Both are reentrant in their own thread; a thread that holds a read
-    cannot start a verb (that would wait for itself)."""
+    that come while it waits queue behind it, then go before the next writer (neither side starves). Both are
+    reentrant in their own thread; a thread that holds a read cannot start a verb (that would wait for itself)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._readers = 0
         self._writer: int | None = None
         self._writer_depth = 0
-        self._waiting = 0
+        self._waiting = 0  # writers waiting
+        self._tickets = self._serving = 0
+        self._abandoned: set[int] = set()
+        self._waiting_readers = 0
+        self._readers_turn = False  # a writer just left while readers waited: they go before the next writer
         self._local = threading.local()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[None]:
-        me, depth = threading.get_ident(), getattr(self._local, "reads", 0)
-        if depth or self._writer == me:
+        """Hold a read. Inside its own write a thread registers a read that outlives the write (a downgrade: enter
+        the read, then leave the write), so no other verb can commit in between."""
+        depth = getattr(self._local, "reads", 0)
+        if depth:
             self._local.reads = depth + 1
             try:
                 yield
@@ -175,8 +181,15 @@ class StateLock:
                 self._local.reads = depth
             return
         with self._cond:
-            while self._writer is not None or self._waiting:
-                self._cond.wait()
+            if self._writer != threading.get_ident():
+                self._waiting_readers += 1
+                try:
+                    while self._writer is not None or (self._waiting and not self._readers_turn):
+                        self._cond.wait()
+                finally:
+                    self._waiting_readers -= 1
+                    if not self._waiting_readers:
+                        self._readers_turn = False
             self._readers += 1
         self._local.reads = 1
         try:
@@ -204,10 +217,16 @@ class StateLock:
                                "is inside a call of the same model (a forward hook? a streamer?); call it after the "
                                "forward or generate returns.")
         with self._cond:
+            ticket, self._tickets = self._tickets, self._tickets + 1  # writers go in the order they came
             self._waiting += 1
             try:
-                while self._writer is not None or self._readers:
+                while (ticket != self._serving or self._writer is not None or self._readers
+                       or (self._readers_turn and self._waiting_readers)):
                     self._cond.wait()
+            except BaseException:
+                self._abandoned.add(ticket)
+                self._advance()
+                raise
             finally:
                 self._waiting -= 1
             self._writer, self._writer_depth = me, 1
@@ -216,4 +235,14 @@ class StateLock:
         finally:
             with deferred_interrupts(), self._cond:
                 self._writer = None
+                self._serving += 1
+                self._advance()
+                self._readers_turn = self._waiting_readers > 0  # readers that queued behind it go next
                 self._cond.notify_all()
+
+    def _advance(self) -> None:
+        """Skip the tickets of writers that gave up waiting."""
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()

@@ -116,3 +116,26 @@ def test_two_threads_calling_a_new_signature_capture_it_once():
             outs.append(lm(input_ids=ids, attention_mask=mask).logits)
     _run_threads(calling, calling)
     assert len(lm.derived_graphs) == 1 and all(torch.allclose(o, want, atol=1e-6) for o in outs)
+
+
+def test_a_deep_copy_has_its_own_state_lock_and_graphs():
+    import copy
+
+    c = ZOO["llama"]
+    lm = _two(c)
+    ids = c.inputs()[0]
+    lm.generate(ids[:1], max_new_tokens=2, eos_token_id=[])
+    other = copy.deepcopy(lm)
+    assert other.state is not lm.state and other.state.store is other.adapters
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, lm(ids).logits)
+    other.set_adapter("b")
+    other.add_adapter("c", Rule(["q_proj"], r=2))
+    assert lm.active_adapters == ["default"] and lm.adapters.names == ["default", "b"]
+    assert torch.equal(other.generate(ids[:1], max_new_tokens=3, eos_token_id=[]),
+                       _generate_with(lm, "b", ids[:1]))
+
+
+def _generate_with(lm, name, ids):
+    lm.set_adapter(name)
+    return lm.generate(ids, max_new_tokens=3, eos_token_id=[])

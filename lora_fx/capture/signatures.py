@@ -10,7 +10,7 @@ mean a new capture.
 
 Example::
 
-    cap = capture_call(lm._captured, {"input_ids": ids, "labels": ids}, index=1)
+    cap = capture_call(lm.state.captured, {"input_ids": ids, "labels": ids}, index=1)
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import threading
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from ..capture.calls import CallSignature, call_key
 from ..capture.signatures import capture_call
 from ..errors import AdapterError
 from ..passes.derive import ROUTE_INPUT
+from .transaction import SimpleLock
 
 
 class CallsMixin:
@@ -36,7 +36,7 @@ class CallsMixin:
         cap = self._state.captured
         self._signature = CallSignature.of(cap.source) if cap.method == "export" else None
         self._source_forward = cap.source.__dict__.get("forward")  # a forward set on the model after this: patched
-        self._patch_lock = threading.Lock()  # a patched forward swaps the model's backbone for the call's span
+        self._patch_lock = SimpleLock()  # a patched forward swaps the model's backbone for the call's span
         self._capture_ids = itertools.count(1)
         forward = functools.partial(type(self).forward, self)
         functools.update_wrapper(forward, cap.source.forward)  # inspect.signature(lm.forward): the model's

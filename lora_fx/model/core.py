@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters.store import BANK, AdapterStore
+from ..adapters.store import AdapterStore
 from ..bank.bank import own_storage, plan_bank
 from ..capture import Captured
 from ..capture.blocks import Block, code_of
@@ -147,7 +147,7 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
 
     def _commit(self, change: Change) -> None:
         """Make ``change`` live: its writes, the store's children, the graphs, the trainable flags, the state."""
-        new = change.state
+        new = replace(change.state, derived=change.state.version) if change.derive else change.state
         derived = build(new.captured, new.plan()) if change.derive else None
         with Transaction() as tx:
             for effect in change.effects:
@@ -188,7 +188,7 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
 
     def update_entry(self, entry: Entry) -> Entry:
         """Derive ``entry``'s captures again if a verb committed since they were derived."""
-        if entry.version != self._state.version:
+        if entry.version != self._state.derived:
             with self._lock.write():
                 self._derive_entry(entry)
         return entry
@@ -199,7 +199,7 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
         if torch.compiler.is_compiling():
             return fn()
         with self._lock.read():
-            if entry is None or entry.version == self._state.version:
+            if entry is None or entry.version == self._state.derived:
                 return fn()
         with contextlib.ExitStack() as reading:
             with self._lock.write():
@@ -209,7 +209,7 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
 
     def _derive_entry(self, entry: Entry) -> None:
         state = self._state
-        if entry.version == state.version:
+        if entry.version == state.derived:
             return
         plan = state.plan(prefix=entry.prefix, strip=entry.strip)
         derived = [build(cap, plan) for cap in entry.caps]
@@ -220,7 +220,7 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
             for d in derived:
                 install(d, tx, attach)
             tx.setattr(entry, "extra", {})
-            tx.setattr(entry, "version", state.version)
+            tx.setattr(entry, "version", state.derived)
 
     def reading(self) -> Any:
         """A context in which no verb commits (calls hold it while they run graphs of one state version)."""

@@ -5,7 +5,7 @@ stamped with the version it was derived from (``LoraModel.derived``).
 Example::
 
     entry = lm.derived(("call", key), lambda: capture_call(...))
-    entry.cap.graph_module(...), entry.version == lm.state.version
+    entry.cap.graph_module(...), entry.version == lm.state.derived
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import threading
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
+
+from .transaction import Fresh, SimpleLock
 
 
 @dataclass
@@ -24,16 +26,16 @@ class Entry:
     key: Hashable = None
     prefix: str = ""  # where the model sits in these captures (saved-module paths are renamed)
     strip: str = ""  # where their root sits in the model
-    version: int = -1  # the state version they were derived from (-1: never)
+    version: int = -1  # the state's ``derived`` version they follow (-1: never derived)
     extra: dict[str, Any] = field(default_factory=dict)  # what belongs to this derivation (compiled steps)
-    lock: Any = field(default_factory=threading.Lock)  # held by a user of state the captures keep (a KV cache)
+    lock: Any = field(default_factory=SimpleLock)  # held by a user of state the captures keep (a KV cache)
 
     @property
     def cap(self) -> Any:
         return self.caps[0]
 
 
-class GraphCache:
+class GraphCache(Fresh):
     """Entries by key; ``put`` keeps the first entry stored for a key (two threads capturing the same call)."""
 
     def __init__(self) -> None:

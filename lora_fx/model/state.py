@@ -1,6 +1,7 @@
 """The state of a LoraModel as one immutable value: the captured model, the store and its adapters, which are
 active, what is merged, the adapter bank, the options, and a version. A verb computes the next state aside and
-commits it (``LoraModel``); graphs are derived from a state (``plan``) and stamped with its version.
+commits it (``LoraModel``); graphs are derived from a state (``plan``) and stamped with the version they follow
+(``derived``: a verb that changes no graph, such as a hot swap into the bank, keeps every derived graph valid).
 
 Example::
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 from typing import Any
 
 from torch import nn
@@ -38,18 +38,19 @@ class LoraState:
     captured: Any  # capture.Captured: the first capture (its graph module is ``lm.graph_module``)
     store: AdapterStore
     store_name: str
-    entries: Mapping[str, AdapterEntry] = field(default_factory=lambda: MappingProxyType({}))
+    entries: Mapping[str, AdapterEntry] = field(default_factory=dict)  # never mutated: ``next`` makes a new one
     active: tuple[str, ...] = ()
     merge: MergeState | None = None
     bank: Any = None  # bank.AdapterBank when adapters are routed per row
     frozen: frozenset[str] = frozenset()  # adapters loaded with is_trainable=False
     options: Options = Options()
     version: int = 0
+    derived: int = 0  # the version whose plan the graphs follow (a verb that changes no graph keeps it)
 
     def next(self, **changes: Any) -> LoraState:
         """The state after a verb: ``changes`` applied, the version bumped."""
         if "entries" in changes:
-            changes["entries"] = MappingProxyType(dict(changes["entries"]))
+            changes["entries"] = dict(changes["entries"])
         if "active" in changes:
             changes["active"] = tuple(changes["active"])
         return replace(self, **changes, version=self.version + 1)

@@ -151,7 +151,43 @@ def _child(parent: nn.Module, name: str) -> Any:
         return _MISSING
 
 
-class StateLock:
+class Fresh:
+    """A copied or unpickled model gets a fresh one of these (locks and caches belong to one live object)."""
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+class SimpleLock(Fresh):
+    """``threading.Lock`` that a deep copy of its owner can copy."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+
+
+class _Read:
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: StateLock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        self.lock.acquire_read()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release_read()
+
+
+class StateLock(Fresh):
     """Readers (calls) run together; a writer (a verb) runs alone, after the readers it found finish, and readers
     that come while it waits queue behind it, then go before the next writer (neither side starves). Both are
     reentrant in their own thread; a thread that holds a read cannot start a verb (that would wait for itself)."""
@@ -168,17 +204,15 @@ class StateLock:
         self._readers_turn = False  # a writer just left while readers waited: they go before the next writer
         self._local = threading.local()
 
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
+    def read(self) -> _Read:
         """Hold a read. Inside its own write a thread registers a read that outlives the write (a downgrade: enter
         the read, then leave the write), so no other verb can commit in between."""
+        return _Read(self)
+
+    def acquire_read(self) -> None:
         depth = getattr(self._local, "reads", 0)
         if depth:
             self._local.reads = depth + 1
-            try:
-                yield
-            finally:
-                self._local.reads = depth
             return
         with self._cond:
             if self._writer != threading.get_ident():
@@ -192,15 +226,16 @@ class StateLock:
                         self._readers_turn = False
             self._readers += 1
         self._local.reads = 1
-        try:
-            yield
-        finally:
-            with deferred_interrupts():
-                self._local.reads = 0
-                with self._cond:
-                    self._readers -= 1
-                    if not self._readers:
-                        self._cond.notify_all()
+
+    def release_read(self) -> None:
+        depth = self._local.reads
+        self._local.reads = depth - 1
+        if depth > 1:
+            return
+        with self._cond:  # no call between taking the lock and the count: Ctrl-C cannot land in between
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:

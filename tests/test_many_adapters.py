@@ -197,8 +197,10 @@ def test_routing_errors_name_the_fix():
         lm(x, adapter_names=["default", "zzz", "b", "b"])
     with pytest.raises(AdapterError, match="rows"):
         lm(x, adapter_names=["default", "b", "b"])
+    assert lm.adapter_bank is None  # a refused routed call changes nothing
     with pytest.raises(AdapterError, match="a list"):
         lm(x, adapter_names="b")
+    lm.build_adapter_bank()
     lm.set_adapter(["default", "b"])
     with pytest.raises(AdapterError, match="pass adapter_names"):
         lm(x)

@@ -45,10 +45,8 @@ class CallsMixin:
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Run the model's own forward with the adapters; ``adapter_names`` (one per row, ``"__base__"``: none)
         routes each row to its own adapter through the adapter bank (built on first use)."""
-        if isinstance(adapter_names, str):
-            raise AdapterError("adapter_names takes one adapter name per row of the batch (a list), not a string.")
-        if adapter_names is not None and self._state.bank is None:
-            self.build_adapter_bank()
+        if adapter_names is not None:
+            self._check_route(adapter_names, _rows(args, kwargs))
         if self._signature is None:
             return self.run_entry(None, lambda route: self.graph_module(*args, **kwargs, **route), adapter_names)
         if self._state.captured.source.__dict__.get("forward") is not self._source_forward:
@@ -130,13 +128,8 @@ class CallsMixin:
         from ..generation.generate import generate
         from ..generation.sampling import SamplingConfig
 
-        if isinstance(adapter_names, str):
-            raise AdapterError("adapter_names takes one adapter name per row of the batch (a list), not a string.")
-        if adapter_names is not None and len(adapter_names) != len(input_ids):
-            raise AdapterError(f"adapter_names has {len(adapter_names)} names for {len(input_ids)} rows of "
-                               "input_ids; pass one adapter name per row.")
-        if adapter_names is not None and self._state.bank is None:
-            self.build_adapter_bank()
+        if adapter_names is not None:
+            self._check_route(adapter_names, len(input_ids) if isinstance(input_ids, torch.Tensor) else None)
         was = self.training
         self.train(False)
         try:
@@ -145,6 +138,21 @@ class CallsMixin:
                             adapter_names)
         finally:
             self.train(was)
+
+    def _check_route(self, adapter_names: Any, rows: int | None) -> None:
+        """Refuse a bad ``adapter_names`` before anything happens; then build the bank if there is none."""
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise AdapterError("adapter_names takes one adapter name per row of the batch (a list), not "
+                               f"{type(adapter_names).__name__}.")
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in self._state.entries}, key=str)
+        if unknown:
+            raise AdapterError(f"adapter_names names {unknown}, which are not in the adapter bank (this model's "
+                               f"adapters: {self._state.names}, or '{BASE}' for none); nothing ran.")
+        if rows is not None and len(adapter_names) not in (1, rows) or not adapter_names:
+            raise AdapterError(f"adapter_names has {len(adapter_names)} names for {rows} rows of the batch; pass one "
+                               "adapter name per row.")
+        if self._state.bank is None:
+            self.build_adapter_bank()
 
     def route_kwargs(self, adapter_names: list[str] | None) -> dict[str, Any]:
         """The ``lora_route`` keyword a derived graph of the committed state takes for ``adapter_names``."""
@@ -205,3 +213,9 @@ class _BackboneRunner(nn.Module):
         positional = [call.pop(name) for name in signature.names[:entry.cap.positional]]
         return self.lm.run_entry(entry, lambda route: entry.cap.graph_module(*positional, **call, **route),
                                  self.adapter_names)
+
+
+def _rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """The batch size of a call: the first dimension of its first tensor argument (None: no tensor)."""
+    first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
+    return None if first is None else first.shape[0]

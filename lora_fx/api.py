@@ -33,6 +33,7 @@ def lorafy(
     adapter_name: str = "default",
     autocast_adapter_dtype: bool = True,
     fuse: bool = True,
+    fused_loss: bool = False,
 ) -> LoraModel:
     """Add LoRA to ``model``'s layers that ``rules`` select: ``y = W x + s · B A dropout(x)``.
 
@@ -41,11 +42,14 @@ def lorafy(
     otherwise with ``torch.fx.symbolic_trace``. The graph shares the model's parameters; base parameters
     are frozen (``requires_grad=False``), as PEFT does. fp16/bf16 base weights get float32 adapters unless
     ``autocast_adapter_dtype=False``. ``fuse=False`` keeps every LoRA branch as plain ``F.linear`` / ``*`` /
-    ``+`` nodes (same math as PEFT, op for op) instead of the fused sibling ops.
+    ``+`` nodes (same math as PEFT, op for op) instead of the fused sibling ops. ``fused_loss=True``: where the
+    model computes its language-model loss (called with ``labels``), compute it from the hidden states a chunk of
+    tokens at a time (``ops.fused_loss``): the ``[tokens, vocab]`` logits are never materialised, and the output's
+    ``logits`` is None in those calls.
     """
     ruleset = as_ruleset(rules)
     check_adapter_name(adapter_name)
-    lm = _model_class()(capture(model, example_inputs, example_kwargs), fuse=fuse)
+    lm = _model_class()(capture(model, example_inputs, example_kwargs), fuse=fuse, fused_loss=fused_loss)
     with _discard_on_error(lm):
         lm.add_adapter(adapter_name, ruleset, autocast_adapter_dtype=autocast_adapter_dtype)
     return lm
@@ -60,6 +64,7 @@ def from_peft(
     adapter_name: str = "default",
     allow_pickle: bool = False,
     strict_finite: bool = False,
+    fused_loss: bool = False,
 ) -> LoraModel:
     """Capture ``model`` and load the PEFT adapter directory ``path`` into it (config and weights). NaN or Inf
     in the adapter's tensors: a warning naming them, an error with ``strict_finite=True``.
@@ -70,7 +75,7 @@ def from_peft(
                                example_inputs=(input_ids,))
     """
     check_adapter_name(adapter_name)
-    lm = _model_class()(capture(model, example_inputs, example_kwargs))
+    lm = _model_class()(capture(model, example_inputs, example_kwargs), fused_loss=fused_loss)
     with _discard_on_error(lm):
         lm.load_adapter(path, adapter_name, allow_pickle=allow_pickle, strict_finite=strict_finite)
     return lm

@@ -53,8 +53,9 @@ class RewriteReport:
         return f"RewriteReport({len(self.rows)} rows; {self.summary()})"
 
 
-def passes_summary(records: list) -> list[str]:
-    """One line per optimisation the derivation applied, read from the passes' typed records."""
+def passes_summary(records: list, derived: list = ()) -> list[str]:
+    """One line per optimisation the derivation applied, read from the passes' typed records (``derived``: the
+    records of other captures, for what only they do: the fused loss of calls with labels)."""
     fused = [r for r in records if r.action is Action.FUSED]
     groups = {r.group for r in fused}
     siblings = sum(1 for g in groups if sum(r.group == g for r in fused) > 1)
@@ -63,6 +64,10 @@ def passes_summary(records: list) -> list[str]:
         owning = len({r.group for r in fused if r.owns_base})
         lines.append(f"fuse_siblings: {len(fused)} branches as {len(groups)} fused ops ({siblings} sibling groups "
                      f"sharing one A-matmul; {owning} own their base linears; scale folded into an in-place addmm)")
+    losses = [r.key for r in (*records, *derived) if r.action is Action.FUSED_LOSS]
+    if losses:
+        lines.append(f"fuse_loss: the loss after {', '.join(sorted(set(losses)))} computed from the hidden states in "
+                     "chunks of tokens (no logits materialised; the output's logits are None)")
     inserted = [r for r in records if r.action in (Action.BRANCH, Action.ROUTED)]
     no_dropout = sum(not r.dropout for r in inserted)
     if no_dropout:

@@ -46,13 +46,13 @@ from .verbs import Change, copies, links, plan_add, plan_delete, plan_merge, pla
 class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Module):
     """A captured model with LoRA branches as graph rewrites. Call it as you would call the model."""
 
-    def __init__(self, captured: Captured, *, fuse: bool = True) -> None:
+    def __init__(self, captured: Captured, *, fuse: bool = True, fused_loss: bool = False) -> None:
         nn.Module.__init__(self)  # not super(): with PEFT installed a PeftModel is in the MRO (see peft.compat)
         self.graph_module = captured.graph_module
         store_name = "lora" if not hasattr(self.graph_module, "lora") else "lora_fx_store"
         store = AdapterStore()
         self.graph_module.add_module(store_name, store)
-        self._state = LoraState(captured, store, store_name, options=Options(fuse=fuse))
+        self._state = LoraState(captured, store, store_name, options=Options(fuse=fuse, fused_loss=fused_loss))
         self._lock = StateLock()
         self._graphs = GraphCache()
         self._records: list = []
@@ -220,6 +220,7 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
             for d in derived:
                 install(d, tx, attach)
             tx.setattr(entry, "extra", {})
+            tx.setattr(entry, "records", [r for d in derived for r in d.records])
             tx.setattr(entry, "version", state.derived)
 
     def reading(self) -> Any:

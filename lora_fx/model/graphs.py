@@ -28,6 +28,7 @@ class Entry:
     strip: str = ""  # where their root sits in the model
     version: int = -1  # the state's ``derived`` version they follow (-1: never derived)
     extra: dict[str, Any] = field(default_factory=dict)  # what belongs to this derivation (compiled steps)
+    records: list = field(default_factory=list)  # the passes' records of the last derivation
     lock: Any = field(default_factory=SimpleLock)  # held by a user of state the captures keep (a KV cache)
 
     @property
@@ -55,6 +56,9 @@ class GraphCache(Fresh):
 
     def keys(self) -> list[Hashable]:
         return list(self._entries)
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -56,7 +56,7 @@ class ReportMixin:
             rows += unit.variant.report_rows(unit, row)
         trainable, total = self.get_nb_trainable_parameters()
         unused = [f"{r} [{a}]" for a in state.names for r in state.entries[a].unused_rules]
-        passes = passes_summary(self._records)
+        passes = passes_summary(self._records, [r for e in self._graphs.entries() for r in e.records])
         blocks = state.captured.blocks
         if blocks:
             programs = len({id(b.program) for b in blocks.values()})

@@ -27,6 +27,7 @@ from ..passes.plan import RewritePlan, RoutedBranch, UnitBranch
 @dataclass(frozen=True)
 class Options:
     fuse: bool = True  # run eligible linear branches through the sibling-fusion pass
+    fused_loss: bool = False  # compute the model's LM loss without materialising the logits
     compile_options: Mapping[str, Any] | None = None  # set by lora_fx.compile: generation compiles its steps so
     sharded: bool = False  # lora_fx.fully_shard: only the first capture's graph runs
 
@@ -99,16 +100,17 @@ class LoraState:
         untied = self.merge.untied if self.merge is not None else {}
         if not adapters:
             return RewritePlan({}, self.options.fuse, {}, untied)
+        loss = self.options.fused_loss
         if self.bank is not None:
             bank_path = f"{self.store_name}.{BANK}"
             branches = {key: RoutedBranch(tuple(self._slot(a, key) for a in self.bank.slots), bank_path, stem,
                                           self.bank.dropouts[stem]) for key, stem in self.bank.stems.items()}
-            return RewritePlan(branches, self.options.fuse, saved, untied, f"{bank_path}.default_route")
+            return RewritePlan(branches, self.options.fuse, saved, untied, f"{bank_path}.default_route", loss)
         branches: dict[str, tuple] = {}
         for name in self.live:
             for key, unit in self.entries[name].by_key.items():
                 branches[key] = (*branches.get(key, ()), UnitBranch(name, unit, self.unit_path(name, key)))
-        return RewritePlan(branches, self.options.fuse, saved, untied)
+        return RewritePlan(branches, self.options.fuse, saved, untied, fused_loss=loss)
 
     def _slot(self, name: str, key: str) -> tuple:
         unit = self.entries[name].by_key.get(key) if name in self.entries else None

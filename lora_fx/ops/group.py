@@ -36,8 +36,10 @@ class _LoraLinearGroup(torch.autograd.Function):
                 y.view(-1, y.shape[-1]).addmm_(h_i, b.t(), alpha=s)
                 outs.append(y)
                 dirty.append(y)
-            else:
-                outs.append(torch.addmm(y.reshape(-1, y.shape[-1]), h_i, b.t(), alpha=s).view(y.shape))
+            else:  # a fresh output (not a view of one: callers may modify it in place)
+                out = torch.empty_like(y, memory_format=torch.contiguous_format)
+                torch.addmm(y.reshape(-1, y.shape[-1]), h_i, b.t(), alpha=s, out=out.view(-1, y.shape[-1]))
+                outs.append(out)
         ctx.mark_dirty(*dirty)
         ctx.save_for_backward(x2, h, *a_list, *b_list)  # the A's themselves: no saved concatenation
         ctx.scalings, ctx.ranks, ctx.x_shape = scalings, ranks, x.shape

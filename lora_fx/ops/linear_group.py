@@ -40,9 +40,14 @@ class _LinearLoraGroup(torch.autograd.Function):
         ranks = [a.shape[0] for a in a_list]
         outs = []
         for w, has_bias, h_i, b, s in zip(ws, biased, h.split(ranks, dim=1), b_list, scalings):
-            y = torch.addmm(next(biases), x2, w.t()) if has_bias else x2 @ w.t()
+            out = x2.new_empty(*x.shape[:-1], w.shape[0])  # returned itself, not a view: callers may modify it
+            y = out.view(-1, w.shape[0])
+            if has_bias:
+                torch.addmm(next(biases), x2, w.t(), out=y)
+            else:
+                torch.mm(x2, w.t(), out=y)
             y.addmm_(h_i, b.t(), alpha=s)
-            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            outs.append(out)
         keep_x = xa is None or any(ctx.needs_input_grad[5:5 + n])  # with dropout, x serves dW only
         ctx.save_for_backward(x2 if keep_x else None, xa2 if xa is not None else None, h, *ws, *a_list, *b_list)
         ctx.scalings, ctx.ranks, ctx.biased = scalings, ranks, biased

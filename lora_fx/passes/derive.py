@@ -9,7 +9,7 @@ linear in the number of targets. Nothing is ever undone: the next rebuild starts
 The pipelines::
 
     block template:  untie_merged -> insert_branches -> fuse_siblings
-    outer graph:     untie_merged -> insert_branches -> fuse_siblings -> swap_saved -> wire_block_calls
+    outer graph:     untie_merged -> fuse_loss -> insert_branches -> fuse_siblings -> swap_saved -> wire_block_calls
 
 A routed plan gives the outer graph one more input, ``lora_route`` (the slot of each row; default: the bank's
 default route), which every routed branch and block reads.
@@ -33,6 +33,7 @@ from ..capture.blocks import Program
 from ..targets import Target, base_weight, compute_dtype
 from .common import TAG, BlockInputs, StoreInputs, copy_graph
 from .fuse import fuse_siblings
+from .fused_loss import fuse_loss
 from .insert import insert_branches
 from .pipeline import GraphContext, Record, run_pipeline
 from .plan import Ref, RewritePlan, RoutedBranch
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from ..capture import Captured
 
 BLOCK_PIPELINE = (untie_merged, insert_branches, fuse_siblings)
-OUTER_PIPELINE = (untie_merged, insert_branches, fuse_siblings, swap_saved, wire_block_calls)
+OUTER_PIPELINE = (untie_merged, fuse_loss, insert_branches, fuse_siblings, swap_saved, wire_block_calls)
 ROUTE_INPUT = "lora_route"
 
 

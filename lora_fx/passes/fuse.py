@@ -35,6 +35,7 @@ from torch import fx
 from ..kinds import LINEAR
 from ..ops.group import lora_linear_group
 from ..ops.linear_group import linear_lora_group
+from ..targets import arg
 from .common import ident, new_node
 from .insert import FUSABLE
 from .pipeline import Action, GraphContext, Record
@@ -93,14 +94,15 @@ def _emit(graph: fx.Graph, group: list) -> fx.Node:
     b_nodes = tuple(bb.tensors["lora_B"] for _, bb in group)
     scalings = tuple(float(bb.unit.scaling) for _, bb in group)
     ys = tuple(bb.node for _, bb in group)
-    x = bb0.dropout_node if bb0.dropout_node is not None else bb0.x
+    base_x = arg(first, *bb0.target.input_at)  # now: an earlier group may have replaced the node it read
+    x = bb0.dropout_node if bb0.dropout_node is not None else base_x
     name = f"{bb0.stem}_lora_group" if len(group) > 1 else f"{bb0.stem}_lora_fused"
     with graph.inserting_before(cursor.next):
         if all(node.op == "call_function" for node in ys):  # the base GEMMs join the op
             ws = tuple(_operand(n, 1, "weight") for n in ys)
             bs = tuple(_operand(n, 2, "bias") for n in ys)
             grp = new_node(graph, "call_function", linear_lora_group,
-                           (bb0.x, None if x is bb0.x else x, ws, bs, a_nodes, b_nodes, scalings), name, tag)
+                           (base_x, None if x is base_x else x, ws, bs, a_nodes, b_nodes, scalings), name, tag)
         else:  # a module call stays: a hook may keep its output, so the deltas are not added into it in place
             grp = new_node(graph, "call_function", lora_linear_group, (x, ys, a_nodes, b_nodes, scalings, False),
                            name, tag)

@@ -86,7 +86,7 @@ def insert_branches(graph: fx.Graph, ctx: GraphContext) -> list[Record]:
     nodes, records = node_map(graph), []
     for t in ctx.targets:
         found = ctx.branches(t)
-        if not found:
+        if not found or t.key in ctx.consumed:
             continue
         node = nodes[t.node]
         if isinstance(found, RoutedBranch):

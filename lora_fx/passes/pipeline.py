@@ -31,6 +31,7 @@ class Action(enum.Enum):
     UNTIED = "untied"  # a merged key reads its own copy of a shared weight
     SAVED = "saved"  # a module's uses re-targeted to its modules_to_save copy
     WIRED = "wired"  # a block call given the adapter tensors its program reads
+    FUSED_LOSS = "fused_loss"  # an output layer and its cross-entropy computed without the logits
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class GraphContext:
     block_inputs: dict[str, list] = field(default_factory=dict)  # block path -> its program's input order
     key_prefix: str = ""  # the capture's key prefix (a backbone captured under its model's keys)
     debug: bool = False
+    consumed: set[str] = field(default_factory=set)  # target keys a pass took over (later passes skip them)
 
     def branches(self, t: Any) -> Any:
         return self.plan.for_key(self.prefix + t.key)

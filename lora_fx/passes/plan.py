@@ -66,6 +66,7 @@ class RewritePlan:
     saved: Mapping[str, str] = field(default_factory=dict)  # module path -> path of the copy read instead
     untied: Mapping[str, str] = field(default_factory=dict)  # key -> path of its merged weight's own copy
     route_default: str | None = None  # the bank's default route buffer when graphs are routed (else None)
+    fused_loss: bool = False  # compute the LM loss from the hidden states (``fuse_loss``)
 
     @property
     def routed(self) -> bool:

@@ -156,9 +156,8 @@ def _rewrite(graph, t, base, loss, labels, ignore_index, reduction, chain, branc
             if branch.unit.dropout_p > 0:
                 hl = new_node(graph, "call_module", inputs.unit_dropout(branch, t), (h,), f"{stem}_lora_dropout",
                               tag)
-        fused = new_node(graph, "call_function", linear_cross_entropy,
-                         (h, weight, bias, hl, a, b, scaling, labels, ignore_index, reduction, _loss_dtype(chain, base)),
-                         f"{stem}_loss", tag)
+        args = (h, weight, bias, hl, a, b, scaling, labels, ignore_index, reduction, _loss_dtype(chain, base))
+        fused = new_node(graph, "call_function", linear_cross_entropy, args, f"{stem}_loss", tag)
     loss.replace_all_uses_with(fused)
     graph.erase_node(loss)
     for node in (*chain, base):

@@ -3,13 +3,13 @@
 from .api import from_peft, lorafy
 from .deploy import compile, export
 from .distributed import fully_shard
-from .errors import AdapterError, CaptureError, CheckpointError, LoraFxError, MergeError, RuleError
+from .errors import AdapterError, CaptureError, CheckpointError, LoraFxError, MergeError, RuleError, RuleWarning
 from .model import LoraModel
 from .report import RewriteReport
 from .rules import Rule, RuleSet
 
 __all__ = [
     "lorafy", "from_peft", "compile", "export", "fully_shard", "Rule", "RuleSet", "LoraModel", "RewriteReport",
-    "LoraFxError", "RuleError", "CaptureError", "AdapterError", "CheckpointError", "MergeError",
+    "LoraFxError", "RuleError", "CaptureError", "AdapterError", "CheckpointError", "MergeError", "RuleWarning",
 ]
 __version__ = "0.1.0"

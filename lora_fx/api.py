@@ -13,12 +13,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .adapters.store import check_adapter_name
 from .capture import capture
+from .errors import CaptureError, CheckpointError
 from .model import LoraModel
 from .peft.compat import peft_compatible
 from .rules import RuleLike, as_ruleset
@@ -47,6 +50,13 @@ def lorafy(
     tokens at a time (``ops.fused_loss``): the ``[tokens, vocab]`` logits are never materialised, and the output's
     ``logits`` is None in those calls.
     """
+    if isinstance(model, LoraModel):
+        raise CaptureError("lorafy got a LoraModel, which already has adapters; add another with "
+                           "lm.add_adapter(name, rules), or lorafy the model it wraps (lm.get_base_model()).")
+    if is_peft_model(model):
+        raise CaptureError(f"lorafy got a peft.{type(model).__name__}. To keep its adapters, migrate it in one line: "
+                           "lora_fx.from_peft(peft_model, example_inputs=...) takes its base model and every adapter; "
+                           "to start afresh, lorafy(peft_model.unload(), rules, ...).")
     ruleset = as_ruleset(rules)
     check_adapter_name(adapter_name)
     lm = _model_class()(capture(model, example_inputs, example_kwargs), fuse=fuse, fused_loss=fused_loss)
@@ -57,7 +67,7 @@ def lorafy(
 
 def from_peft(
     model: nn.Module,
-    path: str | os.PathLike,
+    path: str | os.PathLike | None = None,
     *,
     example_inputs: tuple = (),
     example_kwargs: dict[str, Any] | None = None,
@@ -69,16 +79,55 @@ def from_peft(
     """Capture ``model`` and load the PEFT adapter directory ``path`` into it (config and weights). NaN or Inf
     in the adapter's tensors: a warning naming them, an error with ``strict_finite=True``.
 
+    ``model`` may be a ``peft.PeftModel`` itself: its base model is captured and every adapter it holds is
+    loaded under its own name (the active one active), with no ``path``: a one-line migration. The PeftModel is
+    unloaded in the process (PEFT's ``unload()``: its layers unwrapped, weights untouched), as its base model now
+    belongs to the LoraModel.
+
     Example::
 
         lm = lora_fx.from_peft(AutoModelForCausalLM.from_pretrained(base), "my-adapter",
                                example_inputs=(input_ids,))
+        lm = lora_fx.from_peft(peft_model, example_inputs=(input_ids,))      # migrate a PeftModel
     """
     check_adapter_name(adapter_name)
-    lm = _model_class()(capture(model, example_inputs, example_kwargs), fused_loss=fused_loss)
-    with _discard_on_error(lm):
-        lm.load_adapter(path, adapter_name, allow_pickle=allow_pickle, strict_finite=strict_finite)
+    with contextlib.ExitStack() as stack:
+        adapters = [(adapter_name, path)] if path is not None else []
+        if is_peft_model(model):
+            model, saved, active = migrate(model, stack.enter_context(tempfile.TemporaryDirectory()))
+            adapters = adapters or saved
+            active = [adapter_name] if path is not None else active
+        elif path is None:
+            raise CheckpointError("from_peft needs the adapter directory `path` (or a peft.PeftModel as `model`).")
+        else:
+            active = [adapter_name]
+        lm = _model_class()(capture(model, example_inputs, example_kwargs), fused_loss=fused_loss)
+        with _discard_on_error(lm):
+            for name, directory in adapters:
+                lm.load_adapter(directory, name, allow_pickle=allow_pickle, strict_finite=strict_finite)
+            lm.set_adapter(active)
     return lm
+
+
+def is_peft_model(model: Any) -> bool:
+    """A ``peft.PeftModel`` (a LoraModel is one too when PEFT is installed: it is not meant here)."""
+    return not isinstance(model, LoraModel) and any(
+        c.__name__ == "PeftModel" and c.__module__.startswith("peft") for c in type(model).__mro__)
+
+
+def migrate(peft_model: Any, tmp: str) -> tuple[nn.Module, list[tuple[str, Path]], list[str]]:
+    """A PeftModel's adapters saved in PEFT's format under ``tmp``, its base model unwrapped (weights untouched),
+    and its active adapters: ``(base model, [(name, directory)], active)``."""
+    merged = [n for n, m in peft_model.named_modules() if getattr(m, "merged", False)]
+    if merged:
+        raise CheckpointError(f"The PeftModel has adapters merged into {merged[:3]}; unmerge_adapter() it first, so "
+                              "its base weights are the base model's.")
+    names = list(peft_model.peft_config)
+    active = peft_model.active_adapters if isinstance(peft_model.active_adapters, list) else [
+        peft_model.active_adapter]
+    peft_model.save_pretrained(tmp, selected_adapters=names)
+    dirs = [(name, Path(tmp) if name == "default" else Path(tmp) / name) for name in names]
+    return peft_model.unload(), dirs, list(active)
 
 
 @functools.cache

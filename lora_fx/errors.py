@@ -27,6 +27,10 @@ class MergeError(LoraFxError, ValueError):
     """A merge or unmerge cannot be done (non-finite result, nothing merged, ...)."""
 
 
+class RuleWarning(UserWarning):
+    """A rule entry matched nothing (likely a typo), or a rule asks for something that adds nothing."""
+
+
 class PassError(LoraFxError, RuntimeError):
     """A graph pass failed on a graph it was given (a bug in lora_fx: the message names the pass and graph)."""
 

@@ -48,6 +48,7 @@ class AdapterEntry(nn.Module):
         super().__init__()
         self.bias, self.unused_rules = bias, list(unused_rules)
         self.svd_error: dict[str, float] = dict(svd_error or {})  # add_weighted_adapter: key -> relative error
+        self.peft_config: dict | None = None  # the LoraConfig fields it was made from, as the user gave them
         self.by_key: dict[str, LoraUnit] = {}
         self.child: dict[str, str] = {}  # key -> child name
         taken = {"saved"}

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -22,6 +23,16 @@ from ..variants import Variant, resolve
 from ..variants.inits import check_target, random_part
 
 
+def _memory(device: torch.device) -> int:
+    """Bytes of memory ``device`` has in all (an upper bound for one allocation)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
 class LoraUnit(nn.Module):
     """One target's adapter. ``strategy`` is its kind (``kinds``), ``variant`` its variant (``variants``)."""
 
@@ -31,15 +42,21 @@ class LoraUnit(nn.Module):
         variant = variant if variant is not None else resolve(rule)
         variant.check(key, strategy, geometry, rule.r)
         check_target(rule.init, key, strategy, geometry)
-        sizes = (geometry.in_features, geometry.out_features)
-        if rule.r > max(sizes):  # checked before allocating: a huge r from a small config file never allocates
-            raise RuleError(f"Rule {rule.label}: r={rule.r} on {key!r} exceeds both its feature sizes {sizes}, so it "
-                            f"cannot add rank; use r <= {max(sizes)} (or rank_pattern for this key).")
         self.key, self.strategy, self.geometry, self.variant = key, strategy, geometry, variant
         self.r, self.alpha, self.use_rslora, self.init = rule.r, rule.alpha, rule.use_rslora, rule.init
         shape_a, shape_b = variant.shapes(strategy, geometry, rule.r)
-        self.lora_A = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=device))
+        need = (math.prod(shape_a) + math.prod(shape_b)) * torch.empty((), dtype=dtype).element_size()
+        if need > _memory(device):  # an absurd r (a config's typo) is refused before the allocator is asked
+            raise RuleError(f"Rule {rule.label}: r={rule.r} on {key!r} needs A {tuple(shape_a)} and B "
+                            f"{tuple(shape_b)}: {need / 2**30:.1f} GiB, more than this {device.type} device has; use "
+                            "a smaller r (or rank_pattern for this key).")
+        try:
+            self.lora_A = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
+            self.lora_B = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=device))
+        except RuntimeError as e:  # the allocator's own message names no rule
+            raise RuleError(f"Rule {rule.label}: r={rule.r} on {key!r} needs A {tuple(shape_a)} and B "
+                            f"{tuple(shape_b)} ({type(e).__name__}: {str(e).splitlines()[0]}); use a smaller r "
+                            "(or rank_pattern for this key).") from None
         self.dropout = nn.Dropout(rule.dropout) if rule.dropout > 0 else nn.Identity()
         for name, p in variant.extra_parameters(strategy, geometry, dtype, device).items():
             self.register_parameter(name, p)

@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from ..errors import CaptureError
 from ..passes.common import copy_graph
-from ..targets import Target, Unsupported, arg, base_weight, find_targets, weight_uses
+from ..targets import Target, Unsupported, arg, base_weight, find_targets, idle_modules, weight_uses
 from .blocks import Block, Template
 from .calls import CallSignature, call_key
 from .exporting import export_program, share_parameters, warn_training_mode
@@ -64,11 +64,17 @@ class Captured:
         graph = self.templates[t.graph].graph if t.graph else self.graph
         return next(n for n in graph.nodes if n.name == t.node)
 
+    def weight(self, t: Target) -> torch.Tensor:
+        """The target's base weight (an inert target's from the model: no graph reads it)."""
+        return base_weight(self.source if t.inert else self.graph_module, t.weight_path)
+
     def bias_param(self, t: Target) -> nn.Parameter | None:
         """The target's base bias parameter, if it has one the graph reads as a parameter."""
         ref = getattr(t.geometry, "bias", None)
         if ref is None:
             return None
+        if t.inert:
+            return getattr(self.source.get_submodule(t.key), "bias", None)
         path = ref.attr
         if path is None:
             node = arg(self.pristine_node(t), *ref.at)
@@ -177,6 +183,7 @@ def _finish(gm, source, method, mode_fixed, templates, blocks) -> Captured:
                 placed.append(t.placed(node.target))
                 key_uses[placed[-1].key] += cap.calls[node.target] if isinstance(t, Target) else 0
     cap.targets = [_mark_shared(t, gm, uses, key_uses) for t in placed]
+    cap.targets += idle_modules(source, {t.key for t in placed})
     return cap
 
 

@@ -20,6 +20,8 @@ Example::
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import fx, nn
 
@@ -41,6 +43,8 @@ class CachedStep(nn.Module):
 
         self.model = model
         self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        params = inspect.signature(model.forward).parameters  # transformers >= 5.2x: "cache"; before: the old name
+        self.cache_argument = "cache" if "cache" in params else "past_key_values"
         device = next(model.parameters()).device
         ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         with torch.no_grad():  # the cache's layers allocate their tensors on first use; export needs them up front
@@ -54,7 +58,7 @@ class CachedStep(nn.Module):
         for layer in self.cache.layers:
             layer.cumulative_length.copy_(start[0])
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **{self.cache_argument: self.cache})
         return out.logits[:, -1]
 
 

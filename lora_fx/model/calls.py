@@ -148,7 +148,7 @@ class CallsMixin:
         if unknown:
             raise AdapterError(f"adapter_names names {unknown}, which are not in the adapter bank (this model's "
                                f"adapters: {self._state.names}, or '{BASE}' for none); nothing ran.")
-        if rows is not None and len(adapter_names) not in (1, rows) or not adapter_names:
+        if rows is not None and len(adapter_names) != rows or not adapter_names:
             raise AdapterError(f"adapter_names has {len(adapter_names)} names for {rows} rows of the batch; pass one "
                                "adapter name per row.")
         if self._state.bank is None:

@@ -26,17 +26,21 @@ from ..peft.checkpoint import (
     WEIGHTS_NAME,
     adapter_dir,
     check_finite,
+    check_header,
     file_tensors,
     fit,
     full_tensor,
+    header_expectation,
     read_config,
+    read_header,
     read_slices,
     read_tensors,
     save_adapter,
     slices_metadata,
     strip_adapter_name,
+    unit_tensors,
 )
-from ..peft.config import config_for_units, ruleset_from_peft_config, with_slices
+from ..peft.config import config_for_units, ruleset_from_peft_config, task_type, with_given, with_slices
 from ..peft.extras import (
     drop_mha_out_proj,
     embedding_tensors,
@@ -130,7 +134,8 @@ class CheckpointMixin:
         base = getattr(getattr(state.captured.source, "config", None), "_name_or_path", None) or None
         config = config_for_units(units, fan_in_fan_out, base, state.entry(name).bias)
         config["modules_to_save"] = sorted(state.entry(name).saved_copies()) or None
-        return config
+        config["task_type"] = task_type(state.captured.source)
+        return with_given(config, state.entry(name).peft_config, units)
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", *, allow_pickle: bool = False,
                      is_trainable: bool = True, hotswap: bool = False, strict_finite: bool = False,
@@ -147,13 +152,28 @@ class CheckpointMixin:
         a warning naming them (``strict_finite=True``: an error, nothing loaded)."""
         directory = Path(path)
         config = read_config(directory)
-        tensors = strip_adapter_name(read_tensors(directory, allow_pickle), adapter_name)
-        check_finite(tensors, directory / WEIGHTS_NAME, strict_finite)
-        self._verb(lambda s: self._plan_load(s, directory, config, tensors, adapter_name, is_trainable, hotswap))
+        header = {k: v for k, v in strip_adapter_name(read_header(directory), adapter_name).items()}
 
-    def _plan_load(self, state: LoraState, directory: Path, config: dict, tensors: dict, name: str,
+        def read() -> dict[str, torch.Tensor]:  # after the header fits: a wrong file is refused before it is read
+            tensors = strip_adapter_name(read_tensors(directory, allow_pickle), adapter_name)
+            check_finite(tensors, directory / WEIGHTS_NAME, strict_finite)
+            return tensors
+        self._verb(lambda s: self._plan_load(s, directory, config, header, read, adapter_name, is_trainable,
+                                             hotswap))
+
+    def _plan_load(self, state: LoraState, directory: Path, config: dict, header: dict, read: Any, name: str,
                    is_trainable: bool, hotswap: bool) -> Change:
         source, origin = state.captured.source, directory / WEIGHTS_NAME
+        if name in state.entries and not hotswap:
+            check_header(header, {n: tuple(t.shape) for u in state.entries[name].by_key.values()
+                                  for n, t in unit_tensors(u).items()}, origin)
+        ruleset = entry = residuals = None
+        if name not in state.entries and not hotswap:
+            ruleset = with_slices(ruleset_from_peft_config(config), read_slices(directory))
+            expect = header_expectation(header, origin)
+            entry, residuals = new_entry(state, name, ruleset, autocast=True, expect=expect)
+            refuse_mha_out_proj(source, set(entry.by_key), origin)
+        tensors = read()
         tensors = drop_mha_out_proj(tensors, source, origin)
         tensors, embeddings = embedding_weights(tensors, source, self.graph_module, origin,
                                                 config.get("modules_to_save"))
@@ -170,8 +190,6 @@ class CheckpointMixin:
             entry = state.entries[name]
             pairs = fit(list(entry.by_key.values()), tensors, origin, self._extra_tensors(entry))
             return Change(state.next(frozen=frozen), [copies(pairs), copies(changed)], derive=False)
-        ruleset = with_slices(ruleset_from_peft_config(config), read_slices(directory))
-        entry, residuals = new_entry(state, name, ruleset, autocast=True)
         pairs = fit(list(entry.by_key.values()), tensors, origin, self._extra_tensors(entry))
         own = {id(t) for t in (*entry.parameters(), *entry.buffers())}
         with torch.no_grad():  # the new adapter is not live yet: filled now; the model's own tensors at commit

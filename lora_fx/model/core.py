@@ -40,6 +40,7 @@ from .graphs import Entry, GraphCache
 from .report import ReportMixin
 from .state import LoraState, Options
 from .transaction import StateLock, Transaction
+from .unloaded import serve_like
 from .verbs import Change, copies, links, plan_add, plan_delete, plan_merge, plan_set, plan_unmerge, restack
 
 
@@ -328,7 +329,7 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
                 tx.add_module(gm, HOLDER, None)
             tx.setattr(self, "_state", state.next(merge=None, bank=None))
         self._graphs.clear()  # other call signatures' graphs read the store: they go with it
-        return gm
+        return serve_like(gm, state.captured.source, bool(plan.untied))
 
     def discard(self) -> None:
         """Undo what creating this LoraModel did (a failed lorafy / from_peft): no store, the captured graph,

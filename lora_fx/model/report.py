@@ -42,8 +42,8 @@ class ReportMixin:
         for name, unit in state.iter_units():
             ts = by_key[unit.key]
             t = ts[0]
-            action = ("merged" if name in merged else "routed" if state.bank is not None
-                      else "lora" if name in state.active else "inactive")
+            action = ("merged" if name in merged else "inert (the forward never calls it)" if t.inert
+                      else "routed" if state.bank is not None else "lora" if name in state.active else "inactive")
             copy = name in merged and unit.key in untied
             suffix = " (untied copy)" if copy else " (shared weight)" if t.shared else ""
             row = {

@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,12 +20,13 @@ import torch
 from ..adapters.store import AdapterEntry, adapter_dtype, check_adapter_name
 from ..adapters.unit import LoraUnit
 from ..bank.bank import plan_bank
-from ..errors import AdapterError, MergeError
+from ..errors import AdapterError, MergeError, RuleWarning, preview
 from ..passes.fold import apply, plan_fold, plan_unfold
 from ..rules import RuleLike, as_ruleset
 from ..rules.matching import match_targets
 from ..rules.model import resolve_for_model
-from ..targets import Target, base_weight, compute_dtype
+from ..targets import Target, compute_dtype
+from ..variants import resolve
 from ..variants.inits import is_weight_init, svd_init
 from .state import LoraState
 
@@ -58,9 +60,11 @@ def links(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> Callable[[Any
 
 # ---- adapters -----------------------------------------------------------------------------------------------
 
-def new_entry(state: LoraState, name: str, rules: RuleLike, autocast: bool) -> tuple[AdapterEntry, list]:
+def new_entry(state: LoraState, name: str, rules: RuleLike, autocast: bool,
+              expect: Callable[[str, dict], None] | None = None) -> tuple[AdapterEntry, list]:
     """Adapter ``name``'s entry for the keys ``rules`` select (units initialised, not attached), and the
-    ``(weight, residual)`` writes of inits that take A and B from W."""
+    ``(weight, residual)`` writes of inits that take A and B from W. ``expect(key, {suffix: shape})`` sees each
+    unit's PEFT tensor shapes before anything is allocated (a checkpoint's header check)."""
     check_adapter_name(name)
     if name in state.entries:
         raise AdapterError(f"Adapter {name!r} already exists; choose another name.")
@@ -72,20 +76,31 @@ def new_entry(state: LoraState, name: str, rules: RuleLike, autocast: bool) -> t
             raise AdapterError(f"modules_to_save={path!r} lies inside the repeated block {block!r}, whose graph "
                                "all blocks share; save a module outside the blocks (a head or an embedding).")
     matched = match_targets(cap.targets, ruleset, type(cap.source).__name__)
-    units, residuals = [], []
+    units, residuals, idle = [], [], []
     for key, rule in matched.rules_by_key.items():
         t = matched.first[key]
-        weight = base_weight(cap.graph_module, t.weight_path)
+        variant = resolve(rule)
+        if expect is not None:
+            expect(key, variant.peft_shapes(t.strategy, t.geometry, rule.r))
+        if rule.r > max(t.in_features, t.out_features):
+            idle.append(key)
+        weight = cap.weight(t)
         unit = LoraUnit(key, t.strategy, t.geometry, rule, device=weight.device,
-                        dtype=adapter_dtype(compute_dtype(t, weight), autocast))
+                        dtype=adapter_dtype(compute_dtype(t, weight), autocast), variant=variant)
         unit.variant.init(unit, weight)
         if is_weight_init(rule.init):  # PiSSA / OLoRA: A, B from W; the base keeps W - s·B A
             if state.merge is not None:
                 raise MergeError(f"init={rule.init!r} rewrites base weights; unmerge() {state.merged} first.")
             residuals.append((weight, svd_init(unit, weight)))
         units.append(unit)
+    if idle:
+        warnings.warn(f"Adapter {name!r}: the rank exceeds both feature sizes of {preview(idle, 4)}; a rank above "
+                      "min(in, out) adds parameters but no expressiveness (PEFT accepts it too).",
+                      RuleWarning, stacklevel=5)
     kept = {p: copy.deepcopy(m).requires_grad_(True) for p, m in saved.items()}
-    return AdapterEntry(units, kept, ruleset.bias, matched.unused_rules), residuals
+    entry = AdapterEntry(units, kept, ruleset.bias, matched.unused_rules)
+    entry.peft_config = ruleset.peft_config  # the user's LoraConfig, saved back as given
+    return entry, residuals
 
 
 def with_entry(state: LoraState, name: str, entry: AdapterEntry, residuals: list | None = None,

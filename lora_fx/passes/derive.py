@@ -84,7 +84,7 @@ def build(cap: Captured, plan: RewritePlan, *, debug: bool = False) -> Derived:
     g = copy_graph(cap.graph)
     route = _route_input(g, plan) if plan.routed else None
     inputs = StoreInputs(g, route, dict(plan.untied))
-    outer = [t for t in cap.targets if isinstance(t, Target) and not t.block]
+    outer = [t for t in cap.targets if isinstance(t, Target) and not t.block and not t.inert]
     ctx = GraphContext(outer, plan, inputs, cap.graph_module, block_inputs=orders, key_prefix=cap.key_prefix,
                        debug=debug)
     records += run_pipeline(g, OUTER_PIPELINE, ctx, "outer graph")

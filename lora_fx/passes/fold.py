@@ -78,7 +78,7 @@ def plan_fold(cap: Any, targets: dict[str, list], units_by_key: dict[str, list],
               progress: Callable[[str], None] | None = None) -> Writes:
     """Everything merging ``units_by_key`` (key -> [(adapter, unit)]) into the weights writes, computed aside.
     ``safe``: refuse non-finite results. ``keep_original``: keep an exact copy of W for unfold."""
-    gm, out, folds = cap.graph_module, Writes(), []
+    out, folds = Writes(), []
     for key, units in units_by_key.items():
         ts = targets[key]
         if ts[0].quantized:
@@ -91,7 +91,7 @@ def plan_fold(cap: Any, targets: dict[str, list], units_by_key: dict[str, list],
             lone = next(u for _, u in units if not u.variant.stacks)
             raise MergeError(f"{key!r} has a {lone.variant.label} adapter and other adapters active; merge them one "
                              "at a time.")
-        w = gm.get_parameter(ts[0].weight_path)
+        w = cap.weight(ts[0])
         dtype = merge_dtype(w.dtype)
         w32 = w.detach().to(dtype)
         delta = sum(u.variant.delta(u, dtype) for _, u in units)

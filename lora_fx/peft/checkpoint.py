@@ -123,6 +123,38 @@ def read_tensors(directory: Path, allow_pickle: bool = False) -> dict[str, torch
     raise CheckpointError(f"{path} not found: the adapter directory has no {WEIGHTS_NAME}.")
 
 
+def read_header(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors header, without reading any tensor ({} for a pickle file or none:
+    those are checked once read)."""
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-save the adapter.") from None
+
+
+def check_header(header: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], source: Path) -> None:
+    """Refuse, before reading them, tensors whose header shape is not the one the model needs."""
+    for name, shape in expected.items():
+        if name in header and header[name] != shape:
+            vocab = name.endswith("lora_embedding_A") and header[name][:1] == shape[:1]
+            hint = (f"the adapter was made for a vocabulary of {header[name][-1]}: resize the model's token "
+                    "embeddings to it (model.resize_token_embeddings) before loading it" if vocab else
+                    "rank or feature size differ")
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {header[name]} in its header, the model needs "
+                                  f"{shape} ({hint}); nothing was read or allocated.")
+
+
+def header_expectation(header: dict[str, tuple[int, ...]], source: Path):
+    """``expect(key, {suffix: shape})`` for ``new_entry``: each unit's A and B as the file's header declares them."""
+    def expect(key: str, shapes: dict[str, tuple[int, ...]]) -> None:
+        check_header(header, {f"{PREFIX}{key}.{suffix}": shape for suffix, shape in shapes.items()}, source)
+    return expect
+
+
 def strip_adapter_name(tensors: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
     """Accept ``...lora_A.<name>.weight`` (a PEFT state_dict saved by hand) as ``...lora_A.weight``."""
     parts = "lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"

@@ -50,6 +50,12 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
     peft_type = str(c.get("peft_type", "LORA")).split(".")[-1].upper()
     if peft_type != "LORA":
         raise RuleError(f"PEFT config has peft_type={peft_type!r}; lora_fx reads LoRA configs only.")
+    init = c.get("init_lora_weights", True)
+    if init == "default" or not inits.is_init(init):  # named first: PEFT fills e.g. eva_config from it
+        raise RuleError(
+            f"LoraConfig.init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
+            "'pissa_niter_<K>' or 'olora'."
+        )
     for name in _UNSUPPORTED_WHEN_SET:
         if c.get(name) not in (None, [], {}, ""):
             raise RuleError(
@@ -60,12 +66,6 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
         if c.get(name):
             raise RuleError(f"LoraConfig.{name}=True is not supported by this version of lora_fx; set it to False.")
     _check_values(c)
-    init = c.get("init_lora_weights", True)
-    if init == "default" or not inits.is_init(init):
-        raise RuleError(
-            f"LoraConfig.init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
-            "'pissa_niter_<K>' or 'olora'."
-        )
 
     targets = c.get("target_modules")
     if targets is None:
@@ -96,7 +96,63 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
                    layers=tuple(layers) if layers is not None else None,
                    layers_pattern=tuple(pattern) if pattern else None, exclude_output_layer=all_linear,
                    bias=c.get("bias", "none") or "none",
-                   modules_to_save=tuple(c["modules_to_save"]) if c.get("modules_to_save") else None)
+                   modules_to_save=tuple(c["modules_to_save"]) if c.get("modules_to_save") else None,
+                   peft_config=_as_given(c))
+
+
+# What a saved adapter_config.json keeps of the user's LoraConfig as given (the rest is computed from the units)
+AS_GIVEN = ("task_type", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+            "modules_to_save", "base_model_name_or_path", "revision", "r", "lora_alpha", "rank_pattern",
+            "alpha_pattern", "lora_dropout")
+TASKS = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+         "ForQuestionAnswering": "QUESTION_ANS", "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+         "ForSeq2SeqLM": "SEQ_2_SEQ_LM"}
+
+
+def _as_given(c: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name in AS_GIVEN:
+        if name in c:
+            value = c[name]
+            value = str(value).split(".")[-1] if name == "task_type" and value is not None else value
+            out[name] = sorted(value) if isinstance(value, (set, frozenset)) else value
+    return out
+
+
+def task_type(model: Any) -> str | None:
+    """PEFT's task type for a transformers model class (``LlamaForCausalLM`` -> ``CAUSAL_LM``), else None."""
+    name = type(model).__name__
+    return next((task for suffix, task in TASKS.items() if name.endswith(suffix)), None)
+
+
+def with_given(computed: dict[str, Any], given: dict[str, Any] | None, units: list) -> dict[str, Any]:
+    """``computed`` with the user's own fields written back as given: always the descriptive ones (task type,
+    target modules, ...), and the rank/alpha fields when they describe these units exactly."""
+    if not given:
+        return computed
+    out = dict(computed)
+    out.update({k: v for k, v in given.items() if k not in ("r", "lora_alpha", "rank_pattern", "alpha_pattern",
+                                                            "lora_dropout") and v is not None})
+    if all(k in given for k in ("r", "lora_alpha")) and _describes(given, units):
+        for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "lora_dropout"):
+            if k in given:
+                out[k] = given[k] if given[k] is not None else computed[k]
+    return out
+
+
+def _describes(given: dict[str, Any], units: list) -> bool:
+    """Whether PEFT, reading ``given``'s r / alpha / patterns, builds each unit with its rank and scaling."""
+    try:
+        ruleset = RuleSet([Rule("*")], dict(given.get("rank_pattern") or {}), dict(given.get("alpha_pattern") or {}))
+        base = Rule("*", r=given["r"], alpha=given["lora_alpha"])
+    except (RuleError, TypeError):
+        return False
+    for u in units:
+        rule = ruleset.effective(base, u.key)
+        if rule.r != u.variant.peft_rank(u) or rule.alpha != u.variant.peft_alpha(u):
+            return False
+    dropouts = {u.dropout_p for u in units}
+    return len(dropouts) == 1 and given.get("lora_dropout", 0.0) in dropouts
 
 
 def with_slices(ruleset: RuleSet, sliced: Mapping[str, Mapping[str, Any]]) -> RuleSet:

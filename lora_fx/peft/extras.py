@@ -38,7 +38,10 @@ def _embedding_layers(source: nn.Module) -> dict[str, nn.Module]:
     layers = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         fn = getattr(source, getter, None)
-        layer = fn() if callable(fn) else None
+        try:
+            layer = fn() if callable(fn) else None
+        except (NotImplementedError, AttributeError):  # transformers raises for models without one (CLIP)
+            layer = None
         if layer is not None:
             layers.append(layer)
     return {path: m for path, m in source.named_modules() if any(m is layer for layer in layers)}
@@ -65,7 +68,8 @@ def embedding_weights(tensors: dict[str, torch.Tensor], source: nn.Module, graph
     """Split the embedding base weights a PEFT checkpoint holds from its other tensors: (the others, the
     ``(model weight, saved value)`` pairs to copy once everything else loaded; shapes checked here). A module in
     the config's ``modules_to_save`` keeps its tensors: they are its trained copy, not a base weight."""
-    layers = _embedding_layers(source)
+    candidates = [n for n in tensors if n.startswith(PREFIX) and n.endswith(".weight") and ".lora_" not in n]
+    layers = _embedding_layers(source) if candidates else {}
     found = {}
     for name in tensors:
         if not name.startswith(PREFIX) or not name.endswith(".weight"):
@@ -98,9 +102,15 @@ def _mha_out_proj(source: nn.Module, key: str) -> bool:
         return False
 
 
-def refuse_mha_out_proj(source: nn.Module, keys: set[str]) -> None:
-    """Refuse to save LoRA on a MultiheadAttention's ``out_proj``, which PEFT would ignore or misapply."""
+def refuse_mha_out_proj(source: nn.Module, keys: set[str], origin: Path | None = None) -> None:
+    """Refuse to save (or, from ``origin``, to load) LoRA on a MultiheadAttention's ``out_proj``, which PEFT would
+    ignore or misapply."""
     bad = sorted(k for k in keys if _mha_out_proj(source, k))
+    if bad and origin is not None:
+        raise CheckpointError(
+            f"{origin}: its config targets {preview(bad, 3)}, a MultiheadAttention's out_proj, whose forward PEFT "
+            "never calls: in PEFT this adapter has no effect. lora_fx refuses it rather than apply what PEFT "
+            "ignores; drop those keys from target_modules (or target the attention module itself).")
     if bad:
         raise CheckpointError(
             f"Cannot save LoRA on {preview(bad, 3)} in PEFT's format: PEFT never calls a MultiheadAttention's "

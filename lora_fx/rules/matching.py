@@ -8,9 +8,10 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
-from ..errors import RuleError, preview
+from ..errors import RuleError, RuleWarning, preview
 from ..targets import Target, Unsupported
 from .rule import Rule, RuleSet
 
@@ -57,4 +58,11 @@ def match_targets(found: list[Target | Unsupported], ruleset: RuleSet, model_nam
             "'re:...' is a full-match regex."
         )
     unused = [r.label for r in ruleset.rules if id(r) not in used]
+    hit = {p for t in found for r in ruleset.rules for p in r.matching(t.key, t.kind)}
+    typos = [p for r in ruleset.rules if not r.exclude for p in r.patterns if p not in hit]
+    if typos:
+        warnings.warn(f"Rule entries {preview(typos)} matched no target in {model_name} (the other entries did); "
+                      "check their spelling. A plain name matches a key or its last dotted parts.", RuleWarning,
+                      stacklevel=5)
+        unused += [repr(p) for p in typos if repr(p) not in unused]
     return Matched(targets, rules_by_key, unused)

@@ -32,7 +32,10 @@ def exclude_output_layer(ruleset: RuleSet, model: Any) -> RuleSet:
     """Put an exclude rule for ``model``'s output layer (``get_output_embeddings()``) first, as PEFT's
     ``all-linear`` does."""
     get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
+    try:
+        head = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        head = None
     if head is None:
         return ruleset
     path = next((name for name, m in model.named_modules() if m is head), None)

@@ -28,8 +28,27 @@ from ..variants import inits
 BIAS_MODES = ("none", "all", "lora_only")
 
 
+_PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "match (the first argument)",
+               "init_lora_weights": "init", "exclude_modules": "a Rule(..., exclude=True) before it",
+               "rank": "r", "modules": "match (the first argument)"}
+
+
+class _Checked(type):
+    """Names PEFT's argument names given to ``Rule`` (``lora_alpha=16``) with the field to use instead."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        known = {f for f in cls.__dataclass_fields__}
+        wrong = [k for k in kwargs if k not in known]
+        if wrong:
+            hints = [f"{k} -> {_PEFT_NAMES[k]}" for k in wrong if k in _PEFT_NAMES]
+            raise RuleError(f"Rule got unknown argument(s) {wrong}" + (f" ({'; '.join(hints)} in lora_fx)" if hints
+                                                                        else "") + f"; Rule takes {sorted(known)}. A "
+                            "peft.LoraConfig can be passed to lorafy as it is.")
+        return super().__call__(*args, **kwargs)
+
+
 @dataclass(frozen=True)
-class Rule:
+class Rule(metaclass=_Checked):
     """One targeting rule with the LoRA hyper-parameters it assigns.
 
     ``y = W x + s · B A dropout(x)`` with ``s = alpha / r`` (``alpha / sqrt(r)`` when ``use_rslora``).
@@ -105,6 +124,12 @@ class Rule:
             return False
         return any(match_pattern(p, key) for p in self.patterns)
 
+    def matching(self, key: str, kind: str) -> list[str]:
+        """The patterns of this rule that match ``key`` (none when the kind is not the rule's)."""
+        if self.kinds is not None and kind not in self.kinds:
+            return []
+        return [p for p in self.patterns if match_pattern(p, key)]
+
 
 def _check_slices(label: str, slices: Any) -> tuple[tuple[int, int], ...]:
     """``slices`` as sorted ``((start, stop), ...)``; refuses empty, reversed or overlapping ranges."""
@@ -164,6 +189,7 @@ class RuleSet:
     exclude_output_layer: bool = False
     bias: str = "none"  # PEFT's bias: "none" | "all" (every bias trainable) | "lora_only" (targeted layers')
     modules_to_save: tuple[str, ...] | None = None  # PEFT's: whole modules trained as copies, saved in full
+    peft_config: dict[str, Any] | None = None  # the LoraConfig these rules came from (saved back as given)
 
     def __post_init__(self) -> None:
         if self.bias not in BIAS_MODES:

@@ -17,9 +17,10 @@ from .core import (
     base_weight,
     compute_dtype,
     find_targets,
+    idle_modules,
     recogniser,
     weight_uses,
 )
 
 __all__ = ["RECOGNISERS", "Context", "Target", "Unsupported", "arg", "base_weight", "compute_dtype", "find_targets",
-           "recogniser", "weight_uses"]
+           "idle_modules", "recogniser", "weight_uses"]

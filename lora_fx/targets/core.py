@@ -32,13 +32,14 @@ class Target:
     key: str  # PEFT's key; relative to the block for a template's target
     strategy: Kind
     geometry: Any  # LinearGeometry | EmbeddingGeometry | ConvGeometry
-    node: str  # name of the base op node (its output gets the LoRA delta) in its pristine graph
+    node: str | None  # name of the base op node (its output gets the LoRA delta) in its pristine graph
     input_at: tuple[int, str]  # where the node takes the activation the branch reads: (position, keyword)
     weight: str  # attribute path of the base weight, relative to the graph's module
     op: str  # the op form, e.g. "Linear", "F.linear", "aten.addmm"
     graph: str = ""  # "" for the outer graph, else the template id
     block: str = ""  # the block member path ("" outside blocks)
     shared: bool = False  # the weight has uses that are not this key's
+    inert: bool = False  # a module the forward never calls: adapted (saved, loaded, merged) but never in a graph
 
     @property
     def kind(self) -> str:
@@ -144,6 +145,26 @@ def find_targets(graph: fx.Graph, gm: nn.Module, source: nn.Module, graph_id: st
             t = rec(ctx, node)
             if t is not None:
                 found.append(replace(t, graph=graph_id) if isinstance(t, Target) else t)
+                break
+    return found
+
+
+def idle_modules(source: nn.Module, known: set[str]) -> list[Target]:
+    """Targets for the modules of ``source`` that a recogniser knows (Linear, Embedding, Conv, Conv1D) but no
+    captured graph calls (a model's unused head): ``inert``, with weights read from ``source``. PEFT adapts them
+    too, so their adapters must load and save back."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    ctx = Context(source, source)
+    found = []
+    for path, module in source.named_modules():
+        if not path or path in known or any(True for _ in module.children()):
+            continue
+        node = graph.call_module(path, (x,))
+        for rec in RECOGNISERS:
+            t = rec(ctx, node)
+            if isinstance(t, Target):
+                found.append(replace(t, node=None, inert=True))
                 break
     return found
 

@@ -90,6 +90,12 @@ class Variant:
     def peft_alpha(self, unit: LoraUnit) -> float:
         return unit.alpha
 
+    def peft_shapes(self, kind: Any, geometry: Any, r: int) -> dict[str, tuple[int, ...]]:
+        """PEFT's tensor-name suffix -> the shape PEFT's file holds for A and B of rank ``r`` (checked against a
+        file's header before anything is allocated)."""
+        shape_a, shape_b = self.shapes(kind, geometry, r)
+        return {kind.peft_a: tuple(shape_a), kind.peft_b: tuple(shape_b)}
+
     def peft_tensors(self, unit: LoraUnit) -> dict[str, torch.Tensor]:
         """PEFT's tensor-name suffix -> the unit's tensor (views of the true rank of a padded bank slot: copying
         into them writes the unit)."""

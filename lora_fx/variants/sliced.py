@@ -83,6 +83,10 @@ class Sliced(Variant):
     def shapes(self, kind, geometry, r):
         return (len(self.ranges) * r, geometry.in_features), (sum(b - a for a, b in self.ranges), r)
 
+    def peft_shapes(self, kind, geometry, r):
+        return {kind.peft_a: (len(self.ranges) * r, geometry.in_features),
+                kind.peft_b: (geometry.out_features, len(self.ranges) * r)}
+
     def whole_b(self, unit, b=None):
         return sliced_b(unit.lora_B if b is None else b, self.ranges, unit.geometry.out_features)
 

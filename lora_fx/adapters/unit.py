@@ -40,6 +40,7 @@ class LoraUnit(nn.Module):
                  device: torch.device, variant: Variant | None = None) -> None:
         super().__init__()
         variant = variant if variant is not None else resolve(rule)
+        strategy.check(key, geometry, rule.r)
         variant.check(key, strategy, geometry, rule.r)
         check_target(rule.init, key, strategy, geometry)
         self.key, self.strategy, self.geometry, self.variant = key, strategy, geometry, variant

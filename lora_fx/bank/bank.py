@@ -125,6 +125,9 @@ def bank_refusal(entries: Mapping[str, Any]) -> str | None:
             if not unit.variant.routable:
                 return (f"adapter {name!r} uses {unit.variant.label} on {unit.key!r}, which the bank does not "
                         "route; merge or drop it first")
+            why = unit.strategy.refusal(unit.geometry, "routing rows to it")
+            if why:
+                return f"adapter {name!r} targets {unit.key!r}, {why}"
             if getattr(unit.geometry, "left", False):
                 return (f"adapter {name!r} targets {unit.key!r}, whose weight is the left operand of a matmul "
                         "(W @ x); the bank routes rows of x @ W forms only")

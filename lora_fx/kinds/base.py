@@ -86,6 +86,13 @@ class Kind:
         if bias is not None:
             b_bias.copy_(bias)
 
+    def check(self, key: str, geometry: Any, r: int) -> None:
+        """Refuse a rank this target cannot take (RuleError naming the key)."""
+
+    def refusal(self, geometry: Any, operation: str) -> str | None:
+        """Why ``operation`` ("merging", "routing", "combining") is impossible for this target, else None."""
+        return None
+
     # ---- weights ---------------------------------------------------------------------------------------
     def delta(self, a: torch.Tensor, b: torch.Tensor, scaling: float, geometry: Any) -> torch.Tensor:
         """``s · ΔW`` in the base weight's layout and shape from A and PEFT's whole-layer B (in their dtype)."""

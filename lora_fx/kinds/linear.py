@@ -36,6 +36,14 @@ class LinearKind(Kind):
     name = "linear"
     supports_weight_init = True
 
+    def refusal(self, geometry, operation):
+        if geometry.quant and operation == "merging":
+            return (f"its base is quantized ({geometry.quant}): merging would requantize W + s·B A and lose the "
+                    "update's precision. Merge onto the full-precision model instead: save_pretrained(dir), then "
+                    "`lora-fx merge --base <full-precision model> --adapter dir --out merged` (or from_peft on that "
+                    "model and merge_and_unload())")
+        return None
+
     def shapes(self, geometry: LinearGeometry, r: int):
         return (r, geometry.in_features), (geometry.out_features, r)
 

@@ -29,6 +29,9 @@ def plan_weighted(state: LoraState, adapters: list[str], weights: list[float], a
         if entry.saved_copies():
             raise AdapterError(f"Adapter {name!r} has modules_to_save copies, which cannot be combined.")
         for key, unit in entry.by_key.items():
+            why = unit.strategy.refusal(unit.geometry, "a weighted combination")
+            if why:
+                raise AdapterError(f"Adapter {name!r} targets {key!r}, {why}.")
             if not unit.variant.combinable:
                 raise AdapterError(f"Adapter {name!r} uses {unit.variant.label} on {key!r}; a weighted combination "
                                    "takes plain whole-layer LoRA adapters.")

@@ -284,6 +284,14 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
         """Restore the base weights (and ties) and put the merged adapters' branches back in the graph."""
         self._verb(plan_unmerge)
 
+    def merge_adapter(self, adapter_names: str | Iterable[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's name for ``merge`` (its ``safe_merge`` is ``safe``)."""
+        self.merge(adapter_names, safe=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's name for ``unmerge``."""
+        self.unmerge()
+
     def merge_and_unload(self, *, safe: bool = False) -> torch.fx.GraphModule:
         """Merge (if not merged yet) and return the graph module with folded weights and no LoRA nodes,
         parameters or store: a plain GraphModule to compile or export. This LoraModel is done afterwards."""

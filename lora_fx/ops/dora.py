@@ -55,7 +55,7 @@ _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 def dora_conv(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
               lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor, scaling: float,
-              stride, padding, dilation, dropout: torch.nn.Module | None = None) -> torch.Tensor:
+              stride, padding, dilation, dropout: torch.nn.Module | None = None, groups: int = 1) -> torch.Tensor:
     """PEFT's DoRA for a convolution (``x`` already padded for non-zero padding modes)::
 
         n = ‖W + s·ΔW‖ per output channel (detached);  k = m / n
@@ -70,9 +70,9 @@ def dora_conv(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torc
     recompute = dropout is not None and dropout.training
     if recompute:
         x = dropout(x)
-    lora_result = conv(conv(x, lora_a, None, stride, padding, dilation), lora_b)
+    lora_result = conv(conv(x, lora_a, None, stride, padding, dilation), lora_b, None, 1, 0, 1, groups)
     if recompute:
-        base = conv(x, weight, None, stride, padding, dilation)
+        base = conv(x, weight, None, stride, padding, dilation, groups)
     else:
         base = y - bias.view(1, -1, *([1] * (y.dim() - 2))) if bias is not None else y
     return y + ((k - 1) * base + k * lora_result * scaling)

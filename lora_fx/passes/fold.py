@@ -81,12 +81,9 @@ def plan_fold(cap: Any, targets: dict[str, list], units_by_key: dict[str, list],
     out, folds = Writes(), []
     for key, units in units_by_key.items():
         ts = targets[key]
-        if ts[0].quantized:
-            raise MergeError(
-                f"{key!r} has a quantized base ({ts[0].quantized}): merging would requantize W + s·B A and lose the "
-                "update's precision. Merge onto the full-precision model instead: save_pretrained(dir), then `lora-fx "
-                "merge --base <full-precision model> --adapter dir --out merged` (or from_peft on that model and "
-                "merge_and_unload()).")
+        why = ts[0].strategy.refusal(ts[0].geometry, "merging")
+        if why:
+            raise MergeError(f"{key!r} cannot be merged: {why}.")
         if len(units) > 1 and not all(u.variant.stacks for _, u in units):
             lone = next(u for _, u in units if not u.variant.stacks)
             raise MergeError(f"{key!r} has a {lone.variant.label} adapter and other adapters active; merge them one "

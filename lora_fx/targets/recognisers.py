@@ -218,12 +218,9 @@ _TRANSPOSED_FNS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
 def _conv_target(node, key, at, path, weight, op, dims, stride, padding, dilation, groups, pad=None, pad_mode=None,
                  bias=None):
-    if groups != 1:
-        return Unsupported(key, "conv", node.name, f"grouped/depthwise convolution (groups={groups}) is not "
-                                                   "supported; LoRA's A and B convs are ungrouped")
-    out_c, in_c = weight.shape[:2]
+    out_c, in_c = weight.shape[0], weight.shape[1] * groups  # a grouped weight holds in / groups channels
     geometry = ConvGeometry(dims, in_c, out_c, tuple(weight.shape[2:]), stride, padding, dilation, pad, pad_mode,
-                            bias)
+                            bias, groups)
     return Target(key, CONV, geometry, node.name, at, path, op)
 
 

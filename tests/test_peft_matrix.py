@@ -35,7 +35,11 @@ def randomize(lm: lora_fx.LoraModel) -> None:
 def peft_to_lora_fx(style, config, tmp_path):
     inputs = style.inputs()
     pm = get_peft_model(style.build(), config).eval()
+    gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
+        for name, p in pm.named_parameters():  # a MultiheadAttention's out_proj LoRA stays zero (see test_mha_*)
+            if "lora_B" in name and "base_layer.out_proj" not in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
         want = call(pm, inputs)
     pm.save_pretrained(tmp_path)
     lm = lora_fx.from_peft(style.build(), tmp_path, **capture_kwargs(inputs)).eval()
@@ -67,13 +71,16 @@ MATRIX = [
     ("grouped_conv", dict(target_modules=["conv2d"], r=8, use_dora=True)),
     ("grouped_conv", dict(target_modules=["conv2d", "lin0"], r=8, lora_alpha=32)),
     ("clip", dict(target_modules=["q_proj", "v_proj", "fc1"], r=4)),
+    ("mha_unbatched", dict(target_modules=["mha", "lin0"])),
+    ("mha_cross", dict(target_modules=["mha"], r=4)),
+    ("mha_self", dict(target_modules=["mha", "lin0"], r=4, lora_alpha=16)),
 ]
 IDS = [f"{style}-{'-'.join(f'{k}' for k in kw if k != 'target_modules') or 'plain'}" for style, kw in MATRIX]
 
 
 @pytest.mark.parametrize(("style", "kw"), MATRIX, ids=IDS)
 def test_peft_checkpoint_loads_with_peft_outputs(style, kw, tmp_path):
-    got, want = peft_to_lora_fx(STYLES[style], LoraConfig(init_lora_weights=False, **kw), tmp_path)
+    got, want = peft_to_lora_fx(STYLES[style], LoraConfig(**kw), tmp_path)
     assert rel_err(got, want) < 1e-5
 
 
@@ -103,3 +110,42 @@ def test_grouped_conv_rank_must_divide_by_groups():
     style = STYLES["grouped_conv"]
     with pytest.raises(lora_fx.RuleError, match="groups"):
         lora_fx.lorafy(style.build(), lora_fx.Rule(["conv2d"], r=4), example_inputs=style.inputs())
+
+
+@pytest.mark.parametrize("style", ["mha_unbatched", "mha_cross", "mha_self"])
+def test_mha_forms_merge_and_unmerge_exactly(style):
+    s = STYLES[style]
+    x = s.inputs()
+    lm = lora_fx.lorafy(s.build(), lora_fx.Rule(["mha"], r=4, init=False), example_inputs=x).eval()
+    assert lm.report().rows[0]["key"] == "mha"
+    weight = lm.graph_module.get_parameter("mha.in_proj_weight").detach().clone()
+    with torch.no_grad():
+        want = lm(*x)
+        lm.merge()
+        assert rel_err(lm(*x), want) < 1e-5
+        lm.unmerge()
+        assert torch.equal(lm(*x), want)
+    assert torch.equal(lm.graph_module.get_parameter("mha.in_proj_weight"), weight)
+
+
+def test_mha_with_other_key_and_value_sizes_names_its_weights():
+    s = STYLES["mha_kdim"]
+    x = s.inputs()
+    with pytest.raises(lora_fx.RuleError, match="'mha'.*'mha.k_proj_weight'.*'mha.q_proj_weight'"):
+        lora_fx.lorafy(s.build(), ["mha", "lin0"], example_inputs=x)
+    model = s.build()
+    lm = lora_fx.lorafy(model, lora_fx.Rule(["q_proj_weight", "v_proj_weight"], r=2, init=False),
+                        example_inputs=x).eval()
+    ref = s.build()
+    with torch.no_grad():
+        for name in ("q_proj_weight", "v_proj_weight"):
+            getattr(ref.mha, name).add_(lm.unit(f"mha.{name}").delta_weight())
+        assert rel_err(lm(*x), ref(*x)) < 1e-5
+
+
+def test_mha_needs_export_and_plain_lora():
+    s = STYLES["mha_unbatched"]
+    with pytest.raises(lora_fx.RuleError, match="'mha'.*example_inputs"):
+        lora_fx.lorafy(s.build(), ["mha", "lin0"])  # symbolic_trace keeps the attention whole
+    with pytest.raises(lora_fx.RuleError, match="DoRA on 'mha'.*rows"):
+        lora_fx.lorafy(s.build(), lora_fx.Rule(["mha"], use_dora=True), example_inputs=s.inputs())

@@ -30,6 +30,7 @@ class LinearGeometry:
     left: bool = False  # the weight is the left operand, ``y = W @ x`` ([out, N]): the branch is ``B @ (A @ x)``
     quant: str = ""  # a quantized base ("nf4", "fp4", "int8"; ``capture.quantized``): the weight is packed buffers
     compute_dtype: torch.dtype | None = None  # a quantized base's compute dtype (its packed weight has none)
+    rows: tuple[int, int] | None = None  # the op reads rows [start, stop) of W (MHA's chunked q/k/v): B's rows too
 
 
 class LinearKind(Kind):
@@ -37,6 +38,9 @@ class LinearKind(Kind):
     supports_weight_init = True
 
     def refusal(self, geometry, operation):
+        if geometry.rows is not None and operation.startswith("routing"):
+            return (f"whose ops each read a slice of the weight's rows ({geometry.rows} among them): "
+                    f"{operation} is not possible; merge it or use set_adapter")
         if geometry.quant and operation == "merging":
             return (f"its base is quantized ({geometry.quant}): merging would requantize W + s·B A and lose the "
                     "update's precision. Merge onto the full-precision model instead: save_pretrained(dir), then "
@@ -58,6 +62,11 @@ class LinearKind(Kind):
         return factor.view(1, -1) if geometry.transposed else factor.view(-1, 1)
 
     def emit(self, g, geometry, x, a, b, b_bias, new):
+        if geometry.rows is not None:  # this op computes rows [start, stop) of W x: so does the branch
+            start, stop = geometry.rows
+            b = new("call_function", torch.narrow, (b, 0, start, stop - start), "lora_b_rows")
+            if b_bias is not None:
+                b_bias = new("call_function", torch.narrow, (b_bias, 0, start, stop - start), "lora_b_bias_rows")
         if geometry.left:
             h = new("call_function", torch.matmul, (a, x), "lora_a")
             return new("call_function", torch.matmul, (b, h), "lora_b")

@@ -75,7 +75,7 @@ def new_entry(state: LoraState, name: str, rules: RuleLike, autocast: bool,
         if block is not None and path != block:
             raise AdapterError(f"modules_to_save={path!r} lies inside the repeated block {block!r}, whose graph "
                                "all blocks share; save a module outside the blocks (a head or an embedding).")
-    matched = match_targets(cap.targets, ruleset, type(cap.source).__name__)
+    matched = match_targets(cap.targets, ruleset, type(cap.source).__name__, cap.source)
     units, residuals, idle = [], [], []
     for key, rule in matched.rules_by_key.items():
         t = matched.first[key]

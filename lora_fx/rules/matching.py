@@ -11,9 +11,11 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+from torch import nn
+
 from ..errors import RuleError, RuleWarning, preview
 from ..targets import Target, Unsupported
-from .rule import Rule, RuleSet
+from .rule import Rule, RuleSet, match_pattern
 
 
 @dataclass
@@ -31,8 +33,10 @@ class Matched:
         return out
 
 
-def match_targets(found: list[Target | Unsupported], ruleset: RuleSet, model_name: str) -> Matched:
-    """Apply ``ruleset`` to ``found``; raise RuleError when nothing matches or an unsupported node does."""
+def match_targets(found: list[Target | Unsupported], ruleset: RuleSet, model_name: str,
+                  source: nn.Module | None = None) -> Matched:
+    """Apply ``ruleset`` to ``found``; raise RuleError when nothing matches, an unsupported node does, or an entry
+    names a module of ``source`` holding weights that no target covers (its uses are not ones lora_fx adapts)."""
     targets, rules_by_key, used = [], {}, set()
     for t in found:
         rule = ruleset.decide(t.key, t.kind)
@@ -60,9 +64,26 @@ def match_targets(found: list[Target | Unsupported], ruleset: RuleSet, model_nam
     unused = [r.label for r in ruleset.rules if id(r) not in used]
     hit = {p for t in found for r in ruleset.rules for p in r.matching(t.key, t.kind)}
     typos = [p for r in ruleset.rules if not r.exclude for p in r.patterns if p not in hit]
+    if source is not None:
+        _refuse_uncovered_modules(typos, source, found, model_name)
     if typos:
         warnings.warn(f"Rule entries {preview(typos)} matched no target in {model_name} (the other entries did); "
                       "check their spelling. A plain name matches a key or its last dotted parts.", RuleWarning,
                       stacklevel=5)
         unused += [repr(p) for p in typos if repr(p) not in unused]
     return Matched(targets, rules_by_key, unused)
+
+
+def _refuse_uncovered_modules(patterns: list, source: nn.Module, found: list, model_name: str) -> None:
+    """An entry that matched no target but names a module with weights of its own: those weights are used in a
+    way lora_fx does not adapt (or never used); say so rather than drop the entry."""
+    for p in patterns:
+        for path, module in source.named_modules():
+            if not path or not match_pattern(p, path) or not any(True for _ in module.parameters(recurse=False)):
+                continue
+            inside = sorted({t.key for t in found if isinstance(t, Target) and t.key.startswith(path + ".")})
+            hint = (f"Its weights are targets under other keys: {preview(inside)}; target those." if inside else
+                    "No op lora_fx adapts (a linear, embedding or convolution form) reads its weights in the captured "
+                    "graph; target the layers it calls, or exclude it.")
+            raise RuleError(f"Rule entry {p!r} matches {path!r} ({type(module).__name__}) in {model_name}, which is no "
+                            f"target. {hint}")

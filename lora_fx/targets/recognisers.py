@@ -21,6 +21,7 @@ from ..kinds import CONV, EMBEDDING, LINEAR, BiasRef, ConvGeometry, EmbeddingGeo
 from ..ops.quantized import OPS as QUANT_OPS
 from ..ops.quantized import QuantLinear
 from .core import Context, Target, Unsupported, arg, recogniser
+from .rows import row_slice_of
 
 aten = torch.ops.aten
 
@@ -116,6 +117,11 @@ def linear_function(ctx: Context, node: fx.Node) -> Target | None:
         found = ctx.param_of(w)
         found = found if found is not None and found[1].dim() == 2 else None
         form = ""
+        if found is None and (sliced := row_slice_of(ctx, w)) is not None:
+            path, p, rows = sliced
+            geometry = LinearGeometry(p.shape[1], p.shape[0], rows=rows)
+            op = f"{_LINEAR_FNS[node.target]} (rows {rows[0]}:{rows[1]} of {path.rpartition('.')[2]})"
+            return Target(ctx.key_for(node, path, p), LINEAR, geometry, node.name, at, path, op)
     elif node.target in _MATMUL_FNS or node.target in _ADDMM_FNS:
         at, w, bias = (0, "input"), arg(node, 1, "other"), None
         if node.target in _ADDMM_FNS:
@@ -273,3 +279,13 @@ def conv_function(ctx: Context, node: fx.Node) -> Target | Unsupported | None:
         return Unsupported(key, "conv", node.name, "transposed convolutions are not supported")
     return _conv_target(node, key, (0, "input"), path, p, op, dims or p.dim() - 2, stride, padding,
                         dilation, groups, bias=BiasRef(at=(2, "bias")))
+
+
+@recogniser
+def multihead_attention_module(ctx: Context, node: fx.Node) -> Unsupported | None:
+    """``call_module`` on nn.MultiheadAttention (symbolic_trace keeps it whole): its projections are inside."""
+    if node.op != "call_module" or not isinstance(ctx.module(node.target), nn.MultiheadAttention):
+        return None
+    return Unsupported(node.target, "MultiheadAttention", node.name,
+                       "symbolic_trace keeps nn.MultiheadAttention as one call, with its q/k/v projection inside; "
+                       "pass example_inputs=(...) to lorafy so torch.export captures the projections")

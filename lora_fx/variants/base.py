@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx, nn
 
+from ..errors import RuleError
+
 if TYPE_CHECKING:
     from ..adapters.unit import LoraUnit
 
@@ -52,6 +54,13 @@ class Variant:
     # ---- parameters -----------------------------------------------------------------------------------
     def check(self, key: str, kind: Any, geometry: Any, r: int) -> None:
         """Refuse a target this variant cannot adapt (RuleError naming the key)."""
+
+    def refuse_rows(self, key: str, geometry: Any) -> None:
+        """For variants that read the whole weight: refuse a target whose ops each read rows of it."""
+        if getattr(geometry, "rows", None) is not None:
+            raise RuleError(f"{self.label} on {key!r}: its ops each read a slice of the weight's rows (a "
+                            f"MultiheadAttention's q, k and v), which {self.label} does not describe; use plain LoRA "
+                            "for this key.")
 
     def shapes(self, kind: Any, geometry: Any, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes of A and B as the unit holds them."""

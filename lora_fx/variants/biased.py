@@ -21,6 +21,7 @@ class Biased(Variant):
     routable = fusable = combinable = False
 
     def check(self, key, kind, geometry, r):
+        self.refuse_rows(key, geometry)
         if not kind.supports_bias:
             raise RuleError(f"{self.field} on {key!r}: PEFT has no LoRA bias for a {kind.name}; drop {self.field} "
                             "here.")

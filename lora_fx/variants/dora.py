@@ -27,6 +27,7 @@ class DoRA(Variant):
     routable = fusable = combinable = stacks = casts_output = False
 
     def check(self, key, kind, geometry, r):
+        self.refuse_rows(key, geometry)
         if not kind.supports_dora:
             raise RuleError(f"DoRA on {key!r}: PEFT has no DoRA for a {kind.name}; drop {self.field} here.")
         if getattr(geometry, "quant", ""):

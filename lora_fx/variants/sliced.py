@@ -70,6 +70,7 @@ class Sliced(Variant):
         return f"lora_fx.{cls.field}"
 
     def check(self, key, kind, geometry, r):
+        self.refuse_rows(key, geometry)
         if kind.name != "linear":
             raise RuleError(f"{self.field} on {key!r}: output slices apply to linear targets only (this is a "
                             f"{kind.name}); drop {self.field} from the rule for it.")

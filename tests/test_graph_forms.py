@@ -280,16 +280,19 @@ class Branchy(nn.Module):
         return y * 2 if self.training else y
 
 
-@pytest.mark.parametrize("export", [False, True], ids=["traced", "exported"])
-def test_training_branches_warn_at_capture(export):
+def test_training_branches_warn_at_trace_and_follow_the_mode_when_exported():
     x = torch.randn(2, 8)
-    kwargs = {"example_inputs": (x,)} if export else {}
     with pytest.warns(UserWarning, match="self.training-dependent control flow"):
-        lora_fx.lorafy(Branchy().eval(), "fc", **kwargs)
-    plain = ZOO["mlp"].build()
+        lora_fx.lorafy(Branchy().eval(), "fc")
+    model = Branchy().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        lora_fx.lorafy(plain, "fc1", **({"example_inputs": ZOO["mlp"].inputs()} if export else {}))
+        lm = lora_fx.lorafy(model, "fc", example_inputs=(x,))  # each mode is captured when first run
+        lora_fx.lorafy(ZOO["mlp"].build(), "fc1")
+    with torch.no_grad():
+        assert torch.equal(lm.eval()(x), model.eval()(x))
+        assert torch.equal(lm.train()(x), model.train()(x))
+        assert torch.equal(lm.eval()(x), model.eval()(x))
 
 
 def test_hf_models_reading_self_training_for_zero_dropout_do_not_warn():

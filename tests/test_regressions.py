@@ -87,12 +87,6 @@ def test_merge_dir_does_not_copy_base_weight_shards(tmp_path):
     assert (tmp_path / "out").stat().st_mode & 0o077  # not left 0700
 
 
-def test_training_mode_capture_warns():
-    model = ZOO["gpt2"].build_fn()  # a fresh HF model is in training mode, with dropout
-    with pytest.warns(UserWarning, match="training mode"):
-        lora_fx.lorafy(model, ["c_attn"], example_inputs=ZOO["gpt2"].inputs())
-
-
 class BNHead(nn.Module):
     """A BatchNorm (buffers) to save whole, and a parameter whose name contains 'bias' without being one."""
 

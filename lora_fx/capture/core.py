@@ -31,9 +31,9 @@ from ..passes.common import copy_graph
 from ..targets import Target, Unsupported, arg, base_weight, find_targets, idle_modules, weight_uses
 from .blocks import Block, Template
 from .calls import CallSignature, call_key
-from .exporting import export_program, share_parameters, warn_training_mode
+from .exporting import export_program, share_parameters
 from .masks import elide_masks
-from .modes import check_exported, check_traced
+from .modes import check_traced, mode_dependent
 from .quantized import swap_quantized
 from .templated import TemplateMismatch, capture_templated
 from .traced import trace_with_blocks
@@ -55,6 +55,8 @@ class Captured:
     positional: int = 0  # how many of the example inputs were passed by position (the graph expects the same)
     template_ids: dict[str, str] = field(default_factory=dict)  # block path -> the id of its template here
     key_prefix: str = ""  # added to a block path to name its targets like the model the adapters were made for
+    training: bool = False  # the mode an exported graph was captured in
+    mode_dependent: bool = False  # an exported graph of the other mode would differ (``modes.mode_dependent``)
 
     def template_of(self, block: str) -> Template:
         return self.templates[self.template_ids[block]]
@@ -112,7 +114,6 @@ def _capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, 
     if example_inputs or kwargs:
         example_inputs, kwargs = distinct_inputs(example_inputs, kwargs)
         key = call_key(CallSignature.of(model).bind(example_inputs, kwargs))
-        warn_training_mode(model)
         try:
             if not templates:
                 raise TemplateMismatch("templates not wanted")
@@ -120,10 +121,10 @@ def _capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, 
         except TemplateMismatch:
             gm, found, blocks = export_program(model, example_inputs, kwargs).module(), {}, {}
         share_parameters(gm, model)
-        check_exported(model, example_inputs, kwargs)
         elide_masks(gm, found, blocks)
         cap = _finish(gm, model, "export", True, found, blocks)
-        cap.call, cap.positional = key, len(example_inputs)
+        cap.call, cap.positional, cap.training = key, len(example_inputs), model.training
+        cap.mode_dependent = mode_dependent(model, example_inputs, kwargs)
         return cap
     try:
         gm, templates, blocks = trace_with_blocks(model)

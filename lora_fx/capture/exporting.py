@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import warnings
 from typing import Any
 
 import torch
@@ -20,18 +19,6 @@ from torch import nn
 from torch.export import Dim
 
 from ..errors import CaptureError
-
-
-def warn_training_mode(model: nn.Module) -> None:
-    if model.training and has_active_dropout(model):
-        warnings.warn(
-            f"{type(model).__name__} is in training mode: torch.export fixes the base graph's mode at capture, so "
-            "its dropout stays active in the graph (lm.eval() switches only LoRA's dropout). Call model.eval() "
-            "before lorafy for a deterministic base.", stacklevel=5)
-
-
-def has_active_dropout(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
 
 
 def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.export.ExportedProgram:

@@ -1,18 +1,18 @@
-"""Find ``self.training``-dependent control flow that a capture freezes, and warn about it.
+"""Train and eval mode in captured graphs.
 
 Both capture paths run the model's Python once, so ``if self.training: ...`` takes the branch of the mode the
-model was in; afterwards ``lm.train()`` / ``lm.eval()`` switch LoRA's dropout and the base's dropout modules
-(traced graphs) but not such a branch. The check captures or runs the model in the other mode and compares:
+model was in, and an exported graph keeps its dropout and BatchNorm behaviour of that mode.
 
-- traced (no example inputs): trace again with every module's ``training`` flipped and compare the code of the
-  outer graph and of each block template;
-- exported: run the model eagerly on the example inputs in both modes with its dropout modules off (an exported
-  base keeps the dropout of its capture mode; ``warn_training_mode`` covers it), and compare the outputs.
+- exported: ``mode_dependent`` tells whether the model behaves differently in the other mode (dropout, batch
+  statistics, a ``self.training`` branch); if so, the LoraModel captures the other mode lazily when
+  ``lm.train()`` / ``lm.eval()`` first asks for it (``model.calls``), so both modes run as the eager model does;
+- traced (no example inputs): the graph's modules follow ``train()`` / ``eval()``, but a ``self.training`` branch
+  does not; ``check_traced`` traces again in the other mode and warns when the code differs.
 
 Example::
 
-    with flipped_mode(model):
-        ...  # every module's training flag inverted, put back on exit
+    with modes(model, train=False):
+        ...  # every module in eval mode, flags put back on exit
 """
 
 from __future__ import annotations
@@ -77,19 +77,25 @@ def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
     return torch.allclose(x.double(), y.double(), rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
-def check_exported(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-    """Warn when the model's outputs on the example inputs differ between train and eval (dropout aside)."""
-    outs = []
+def mode_dependent(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether an exported capture of ``model`` depends on its mode: it has dropout (p > 0), or its outputs on
+    the example inputs differ between train and eval with dropout off (BatchNorm's batch statistics, a
+    ``self.training`` branch, a functional dropout). An eager run that fails counts as dependent."""
+    if any(isinstance(m, _DROPOUT) and m.p > 0 for m in model.modules()):
+        return True
+    outs, saved = [], [(b, b.clone()) for b in model.buffers()]  # a training forward updates running stats
     try:
         for train in (model.training, not model.training):
             with modes(model, train, no_dropout=True), torch.no_grad(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 outs.append(pytree.tree_leaves(model(*args, **kwargs)))
-    except Exception:  # an eager run the export path does not need: no verdict
-        return
+    except Exception:
+        return True
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
     a, b = outs
-    same = len(a) == len(b) and all(
+    return not (len(a) == len(b) and all(
         not isinstance(x, torch.Tensor) or (isinstance(y, torch.Tensor) and x.shape == y.shape
-                                            and _close(x, y)) for x, y in zip(a, b))
-    if not same:
-        _warn(model, "")
+                                            and _close(x, y)) for x, y in zip(a, b)))

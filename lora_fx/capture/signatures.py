@@ -15,19 +15,23 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from typing import Any
 
 from .blocks import adopt_blocks
 from .core import Captured, capture
+from .modes import modes
 
 
 def capture_call(first: Captured, call: dict[str, Any], index: int, module_path: str = "",
-                 module: Any = None) -> Captured:
+                 module: Any = None, training: bool | None = None) -> Captured:
     """Capture the model (or ``module``, its submodule at ``module_path``, keys then renamed to the model's) for a
-    new call signature, over the first capture's blocks (as their program ``call<index>``)."""
+    new call signature or mode (``training``; None: as it is), over the first capture's blocks (as their program
+    ``call<index>``)."""
     module = module if module is not None else first.source
-    cap = capture(module, (), call)
+    with modes(module, training) if training is not None else contextlib.nullcontext():
+        cap = capture(module, (), call)
     cap.program_key = f"call{index}"
     prefix = f"{module_path}." if module_path else ""
     cap.blocks = adopt_blocks(cap.graph_module, cap.graph, cap.blocks, cap.templates, first.blocks,

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from .blocks import Template, install_blocks
-from .exporting import export_program, has_active_dropout, no_kv_cache
+from .exporting import export_program, no_kv_cache
 from .outline import MARK_IN, MARK_OUT, OutlineError, outline
 from .repeats import repeated_blocks
 
@@ -68,14 +69,33 @@ _CALLS: dict[int, tuple[_Group, str]] = {}  # call id -> (group, block path), al
 
 def capture_templated(model: nn.Module, args: tuple, kwargs: dict[str, Any]):
     """(outer GraphModule, templates by id, blocks by path); raises TemplateMismatch when templates do not fit."""
-    if model.training and has_active_dropout(model):
-        raise TemplateMismatch("dropout is active: the eager reference run is not reproducible")
-    with no_kv_cache(model, kwargs):
-        groups, reference = _groups_and_reference(model, args, kwargs)
-        gm, calls = _export_with_wrappers(model, args, kwargs, groups)
-    templates, blocks = _install(gm, model, groups, calls)
-    _check_reproduces(gm, args, kwargs, reference)
+    saved = [(b, b.clone()) for b in model.buffers()]  # a training run updates running statistics: put back
+    try:
+        with no_kv_cache(model, kwargs):
+            with seeded(model):  # dropout in training mode: the check below replays the same masks
+                groups, reference = _groups_and_reference(model, args, kwargs)
+            _restore(saved)
+            gm, calls = _export_with_wrappers(model, args, kwargs, groups)
+        templates, blocks = _install(gm, model, groups, calls)
+        with seeded(model):
+            _check_reproduces(gm, args, kwargs, reference)
+    finally:
+        _restore(saved)
     return gm, templates, blocks
+
+
+@contextlib.contextmanager
+def seeded(model: nn.Module) -> Any:
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        yield
+
+
+def _restore(saved: list) -> None:
+    with torch.no_grad():
+        for b, value in saved:
+            b.copy_(value)
 
 
 def _groups_and_reference(model, args, kwargs) -> tuple[list[_Group], Any]:
@@ -225,6 +245,9 @@ def _install(gm: fx.GraphModule, model: nn.Module, groups: list[_Group], calls: 
         blocks = install_blocks(gm, model, templates)
     except AttributeError as e:  # an attribute the template reads that neither the layer nor the template holds
         raise TemplateMismatch(f"a block's graph reads an attribute its layer lacks ({e})") from None
+    for node in list(graph.nodes):  # a buffer the forward never reads (eval BatchNorm's num_batches_tracked)
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
     graph.lint()
     gm.recompile()
     return templates, blocks

@@ -35,6 +35,7 @@ class CallsMixin:
     def _init_calls(self) -> None:
         cap = self._state.captured
         self._signature = CallSignature.of(cap.source) if cap.method == "export" else None
+        self._base_training = cap.training
         self._source_forward = cap.source.__dict__.get("forward")  # a forward set on the model after this: patched
         self._patch_lock = SimpleLock()  # a patched forward swaps the model's backbone for the call's span
         self._capture_ids = itertools.count(1)
@@ -52,9 +53,10 @@ class CallsMixin:
         if self._state.captured.source.__dict__.get("forward") is not self._source_forward:
             return self._patched_forward(args, kwargs, adapter_names)
         call = self._signature.bind(args, kwargs)
-        key = call_key(call)
+        key, mode = call_key(call), self.base_mode
         cap = self._state.captured
-        entry = None if key == cap.call else self.call_entry(("call", key), call)
+        entry = None if key == cap.call and mode == cap.training else self.call_entry(("call", key, mode), call,
+                                                                                       training=mode)
         target = cap if entry is None else entry.cap
         positional = [call.pop(name) for name in self._signature.names[:target.positional]]  # as it was captured
         return self.run_entry(entry, lambda route: target.graph_module(*positional, **call, **route), adapter_names)
@@ -77,15 +79,23 @@ class CallsMixin:
             return {ROUTE_INPUT: bank.default_route if active else bank.route(BASE)}
         return {ROUTE_INPUT: bank.route(adapter_names)}
 
+    @property
+    def base_mode(self) -> bool:
+        """The mode the base graph runs in: an exported model that behaves differently in training (dropout,
+        BatchNorm, ``self.training`` branches) runs a capture of the mode set by ``train()`` / ``eval()``; until
+        one is called, the mode the model had when captured (as PEFT leaves the base model's modules)."""
+        cap = self._state.captured
+        return self._base_training if cap.mode_dependent else cap.training
+
     def call_entry(self, key: tuple, call: dict[str, Any], module_path: str = "",
-                    module: nn.Module | None = None) -> Any:
-        """The derived capture for a call of another signature (of the model, or of its backbone)."""
+                   module: nn.Module | None = None, training: bool | None = None) -> Any:
+        """The derived capture for a call of another signature or mode (of the model, or of its backbone)."""
         def capture() -> Any:
             if self._state.options.sharded:
                 raise AdapterError("This LoraModel is sharded with FSDP2: it runs the graph captured by lorafy only. "
                                    "Call it with the same arguments as the example inputs (names, dtypes, ranks), or "
                                    "lorafy with example inputs like those of this call.")
-            return capture_call(self._state.captured, call, next(self._capture_ids), module_path, module)
+            return capture_call(self._state.captured, call, next(self._capture_ids), module_path, module, training)
         return self.derived(key, capture, strip=f"{module_path}." if module_path else "")
 
     def _patched_forward(self, args: tuple, kwargs: dict[str, Any], adapter_names: list[str] | None) -> Any:
@@ -130,14 +140,15 @@ class CallsMixin:
 
         if adapter_names is not None:
             self._check_route(adapter_names, len(input_ids) if isinstance(input_ids, torch.Tensor) else None)
-        was = self.training
+        was = self.training, self._base_training
         self.train(False)
         try:
             return generate(self, input_ids, attention_mask, max_new_tokens,
                             SamplingConfig(do_sample, temperature, top_k, top_p), eos_token_id, pad_token_id,
                             adapter_names)
         finally:
-            self.train(was)
+            self.train(was[0])
+            self._base_training = was[1]
 
     def _check_route(self, adapter_names: Any, rows: int | None) -> None:
         """Refuse a bad ``adapter_names`` before anything happens; then build the bank if there is none."""
@@ -209,7 +220,9 @@ class _BackboneRunner(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         signature = CallSignature.of(self.backbone)
         call = signature.bind(args, kwargs)
-        entry = self.lm.call_entry(("backbone", self.path, call_key(call)), call, self.path, self.backbone)
+        mode = self.lm.base_mode
+        entry = self.lm.call_entry(("backbone", self.path, call_key(call), mode), call, self.path, self.backbone,
+                                   mode)
         positional = [call.pop(name) for name in signature.names[:entry.cap.positional]]
         return self.lm.run_entry(entry, lambda route: entry.cap.graph_module(*positional, **call, **route),
                                  self.adapter_names)

@@ -122,8 +122,9 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
         return self.adapters.unit(adapter_name or self.active_adapters[0], key)
 
     def train(self, mode: bool = True) -> LoraModel:
-        """Switch LoRA dropout (and the base graph too, unless its mode was fixed by torch.export)."""
-        self.training = mode
+        """Switch LoRA dropout and the base model's mode (an exported model: its capture of that mode, see
+        ``base_mode``)."""
+        self.training = self._base_training = mode
         if self._state.captured.mode_fixed:
             self.adapters.train(mode)
         else:

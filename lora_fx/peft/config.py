@@ -96,8 +96,18 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
                    layers=tuple(layers) if layers is not None else None,
                    layers_pattern=tuple(pattern) if pattern else None, exclude_output_layer=all_linear,
                    bias=c.get("bias", "none") or "none",
-                   modules_to_save=tuple(c["modules_to_save"]) if c.get("modules_to_save") else None,
+                   modules_to_save=_modules_to_save(c), optional_saves=TASK_HEADS.get(c.get("task_type"), ()),
                    peft_config=_as_given(c))
+
+
+# The heads PEFT's task models add to modules_to_save (PeftModelForSequenceClassification, ...), where present
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _modules_to_save(c: dict[str, Any]) -> tuple[str, ...] | None:
+    given = tuple(c.get("modules_to_save") or ())
+    return given + tuple(n for n in TASK_HEADS.get(c.get("task_type"), ()) if n not in given) or None
 
 
 # What a saved adapter_config.json keeps of the user's LoraConfig as given (the rest is computed from the units)

@@ -53,7 +53,7 @@ def saved_modules(ruleset: RuleSet, model: Any) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for name in ruleset.modules_to_save:
         hits = [(p, m) for p, m in model.named_modules() if p and p.endswith(name)]
-        if not hits:
+        if not hits and name not in ruleset.optional_saves:
             raise RuleError(f"modules_to_save={name!r} matches no module of {type(model).__name__}; "
                             "name a module path or its last part (e.g. 'classifier', 'score').")
         found.update(hits)

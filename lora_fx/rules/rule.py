@@ -189,6 +189,7 @@ class RuleSet:
     exclude_output_layer: bool = False
     bias: str = "none"  # PEFT's bias: "none" | "all" (every bias trainable) | "lora_only" (targeted layers')
     modules_to_save: tuple[str, ...] | None = None  # PEFT's: whole modules trained as copies, saved in full
+    optional_saves: tuple[str, ...] = ()  # names in modules_to_save a model may lack (a task's head: "score")
     peft_config: dict[str, Any] | None = None  # the LoraConfig these rules came from (saved back as given)
 
     def __post_init__(self) -> None:

@@ -21,8 +21,10 @@ from torch import nn
 
 from .adapters.store import check_adapter_name
 from .capture import capture
+from .capture.replicate import replicate_layers
 from .errors import CaptureError, CheckpointError
 from .model import LoraModel
+from .peft.checkpoint import read_config
 from .peft.compat import peft_compatible
 from .rules import RuleLike, as_ruleset
 
@@ -59,9 +61,11 @@ def lorafy(
                            "to start afresh, lorafy(peft_model.unload(), rules, ...).")
     ruleset = as_ruleset(rules)
     check_adapter_name(adapter_name)
-    lm = _model_class()(capture(model, example_inputs, example_kwargs), fuse=fuse, fused_loss=fused_loss)
-    with _discard_on_error(lm):
-        lm.add_adapter(adapter_name, ruleset, autocast_adapter_dtype=autocast_adapter_dtype)
+    with _replicated(model, ruleset.layer_replication) as layers:
+        lm = _model_class()(capture(model, example_inputs, example_kwargs), fuse=fuse, fused_loss=fused_loss,
+                            layer_replication=layers)
+        with _discard_on_error(lm):
+            lm.add_adapter(adapter_name, ruleset, autocast_adapter_dtype=autocast_adapter_dtype)
     return lm
 
 
@@ -97,11 +101,14 @@ def from_peft(
             model, saved, active = migrate(model, stack.enter_context(tempfile.TemporaryDirectory()))
             adapters = adapters or saved
             active = [adapter_name] if path is not None else active
+            layers = replicated_by(saved)  # PEFT replicated the base model's layers already
         elif path is None:
             raise CheckpointError("from_peft needs the adapter directory `path` (or a peft.PeftModel as `model`).")
         else:
             active = [adapter_name]
-        lm = _model_class()(capture(model, example_inputs, example_kwargs), fused_loss=fused_loss)
+            layers = stack.enter_context(_replicated(model, _layer_map(Path(path))))
+        lm = _model_class()(capture(model, example_inputs, example_kwargs), fused_loss=fused_loss,
+                            layer_replication=layers)
         with _discard_on_error(lm):
             for name, directory in adapters:
                 lm.load_adapter(directory, name, allow_pickle=allow_pickle, strict_finite=strict_finite)
@@ -134,6 +141,30 @@ def migrate(peft_model: Any, tmp: str) -> tuple[nn.Module, list[tuple[str, Path]
 def _model_class() -> type[LoraModel]:
     """LoraModel, also a peft.PeftModel when PEFT is installed (see ``peft_compat``)."""
     return peft_compatible(LoraModel)
+
+
+@contextlib.contextmanager
+def _replicated(model: nn.Module, layer_map: tuple | None):
+    """PEFT's layer_replication done to ``model`` for the block (its map, or None), undone if the block fails."""
+    if not layer_map:
+        yield None
+        return
+    undo = replicate_layers(model, layer_map)
+    try:
+        yield layer_map
+    except BaseException:
+        undo()
+        raise
+
+
+def replicated_by(adapters: list[tuple[str, Path]]) -> tuple | None:
+    """The layer map PEFT applied for these saved adapters (the first that has one)."""
+    return next((m for m in (_layer_map(Path(d)) for _, d in adapters) if m), None)
+
+
+def _layer_map(directory: Path) -> tuple | None:
+    found = read_config(directory).get("layer_replication")
+    return tuple(tuple(span) for span in found) if found else None
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from .tokens import TokenDelta, Tokens
 from .unit import LoraUnit
 
 BANK = "__bank__"  # the adapter bank's child name
@@ -44,20 +45,25 @@ class AdapterEntry(nn.Module):
     """One adapter: its units (children named after their keys), ``saved`` copies, and PEFT options."""
 
     def __init__(self, units: list[LoraUnit], saved: Mapping[str, nn.Module] | None, bias: str,
-                 unused_rules: list[str], svd_error: Mapping[str, float] | None = None) -> None:
+                 unused_rules: list[str], svd_error: Mapping[str, float] | None = None,
+                 tokens: Mapping[str, TokenDelta] | None = None) -> None:
         super().__init__()
         self.bias, self.unused_rules = bias, list(unused_rules)
         self.svd_error: dict[str, float] = dict(svd_error or {})  # add_weighted_adapter: key -> relative error
         self.peft_config: dict | None = None  # the LoraConfig fields it was made from, as the user gave them
+        self.ties: dict[str, str] = {}  # ensure_weight_tying: tied output layer key -> its embedding's key
+        self.saved_ties: dict[str, str] = {}  # ensure_weight_tying: tied module path -> its saved embedding's path
         self.by_key: dict[str, LoraUnit] = {}
         self.child: dict[str, str] = {}  # key -> child name
-        taken = {"saved"}
+        taken = {"saved", "tokens"}
         for unit in units:
             self.child[unit.key] = child_name(unit.key, taken, type(self))
             self.add_module(self.child[unit.key], unit)
             self.by_key[unit.key] = unit
         if saved:
             self.add_module("saved", Saved(saved))
+        if tokens:
+            self.add_module("tokens", Tokens(tokens))
 
     def saved_copies(self) -> dict[str, tuple[str, nn.Module]]:
         """Original module path -> (attribute path below the entry, trainable copy)."""
@@ -65,6 +71,13 @@ class AdapterEntry(nn.Module):
         if box is None:
             return {}
         return {path: (f"saved.{child}", box.get_submodule(child)) for path, child in box.paths.items()}
+
+    def token_deltas(self) -> dict[str, tuple[str, TokenDelta]]:
+        """Module path -> (attribute path below the entry, its trainable tokens)."""
+        box = getattr(self, "tokens", None)
+        if box is None:
+            return {}
+        return {path: (f"tokens.{child}", box.get_submodule(child)) for path, child in box.paths.items()}
 
 
 class AdapterStore(nn.Module):

@@ -118,9 +118,9 @@ class AdapterBank(nn.Module):
 def bank_refusal(entries: Mapping[str, Any]) -> str | None:
     """Why these adapters cannot share a bank (None: they can)."""
     for name, entry in entries.items():
-        if entry.saved_copies() or entry.bias != "none":
-            return (f"adapter {name!r} trains base modules (modules_to_save or bias={entry.bias!r}), which every "
-                    "row would share; routed adapters must be LoRA weights only")
+        if entry.saved_copies() or entry.token_deltas() or entry.bias != "none":
+            return (f"adapter {name!r} trains base modules (modules_to_save, trainable tokens or bias="
+                    f"{entry.bias!r}), which every row would share; routed adapters must be LoRA weights only")
         for unit in entry.by_key.values():
             if not unit.variant.routable:
                 return (f"adapter {name!r} uses {unit.variant.label} on {unit.key!r}, which the bank does not "

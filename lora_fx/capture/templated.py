@@ -74,6 +74,7 @@ def capture_templated(model: nn.Module, args: tuple, kwargs: dict[str, Any]):
         with no_kv_cache(model, kwargs):
             with seeded(model):  # dropout in training mode: the check below replays the same masks
                 groups, reference = _groups_and_reference(model, args, kwargs)
+            _refuse_shared_parameters(model, groups)
             _restore(saved)
             gm, calls = _export_with_wrappers(model, args, kwargs, groups)
         templates, blocks = _install(gm, model, groups, calls)
@@ -122,6 +123,17 @@ def _groups_and_reference(model, args, kwargs) -> tuple[list[_Group], Any]:
     if not groups:
         raise TemplateMismatch("no repeated blocks")
     return groups, reference
+
+
+def _refuse_shared_parameters(model: nn.Module, groups: list[_Group]) -> None:
+    """Blocks whose members share parameters (PEFT's layer replication) cannot be templated: torch.export names a
+    shared parameter once, after one of its owners, so a template would misname the other's targets."""
+    owner: dict[int, str] = {}
+    for g in groups:
+        for path in g.members:
+            for p in model.get_submodule(path).parameters():
+                if owner.setdefault(id(p), path) != path:
+                    raise TemplateMismatch(f"blocks {owner[id(p)]!r} and {path!r} share parameters")
 
 
 def _export_with_wrappers(model, args, kwargs, groups):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters.tokens import PEFT_SUFFIX as TOKENS_SUFFIX
 from ..errors import CheckpointError
 from ..peft.checkpoint import (
     PREFIX,
@@ -82,6 +83,12 @@ class CheckpointMixin:
         for path, (_, module) in entry.saved_copies().items():
             out.update({f"{PREFIX}{path}.{n}": p for n, p in module.named_parameters()})
             out.update({f"{PREFIX}{path}.{n}": b for n, b in module.named_buffers()})
+        out.update({f"{PREFIX}{path}.{TOKENS_SUFFIX}": t.delta for path, (_, t) in entry.token_deltas().items()})
+        for path, saved in entry.saved_ties.items():  # PEFT saves the tied module's copy too
+            out[f"{PREFIX}{path}.weight"] = entry.saved_copies()[saved][1].weight
+        for head, emb in entry.ties.items():  # PEFT's tied lm_head: lora_A = Bᵀ, lora_B = Aᵀ of the embedding
+            unit = entry.by_key[emb]
+            out.update({f"{PREFIX}{head}.lora_A.weight": unit.lora_B.T, f"{PREFIX}{head}.lora_B.weight": unit.lora_A.T})
         return out
 
     def save_pretrained(self, path: str | os.PathLike, adapter_name: str | Iterable[str] | None = None, *,
@@ -175,8 +182,8 @@ class CheckpointMixin:
             refuse_mha_out_proj(source, set(entry.by_key), origin)
         tensors = read()
         tensors = drop_mha_out_proj(tensors, source, origin)
-        tensors, embeddings = embedding_weights(tensors, source, self.graph_module, origin,
-                                                config.get("modules_to_save"))
+        whole = [*(config.get("modules_to_save") or ()), *(entry.saved_ties if entry is not None else ())]
+        tensors, embeddings = embedding_weights(tensors, source, self.graph_module, origin, whole)
         changed = [(p, v) for p, v in embeddings if not torch.equal(p.detach().cpu(), v.to(p.dtype))]
         if changed and (hotswap or state.merge is not None):
             raise CheckpointError(f"{origin} holds embedding base weights that differ from the model's; "

@@ -26,8 +26,9 @@ def plan_weighted(state: LoraState, adapters: list[str], weights: list[float], a
     entries = [state.entry(a) for a in adapters]  # raises for an unknown name
     keys: dict[str, list] = {}
     for name, w, entry in zip(adapters, weights, entries):
-        if entry.saved_copies():
-            raise AdapterError(f"Adapter {name!r} has modules_to_save copies, which cannot be combined.")
+        if entry.saved_copies() or entry.token_deltas():
+            raise AdapterError(f"Adapter {name!r} has modules_to_save copies or trainable tokens, which cannot be "
+                               "combined.")
         for key, unit in entry.by_key.items():
             why = unit.strategy.refusal(unit.geometry, "a weighted combination")
             if why:

@@ -47,13 +47,15 @@ from .verbs import Change, copies, links, plan_add, plan_delete, plan_merge, pla
 class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Module):
     """A captured model with LoRA branches as graph rewrites. Call it as you would call the model."""
 
-    def __init__(self, captured: Captured, *, fuse: bool = True, fused_loss: bool = False) -> None:
+    def __init__(self, captured: Captured, *, fuse: bool = True, fused_loss: bool = False,
+                 layer_replication: tuple | None = None) -> None:
         nn.Module.__init__(self)  # not super(): with PEFT installed a PeftModel is in the MRO (see peft.compat)
         self.graph_module = captured.graph_module
         store_name = "lora" if not hasattr(self.graph_module, "lora") else "lora_fx_store"
         store = AdapterStore()
         self.graph_module.add_module(store_name, store)
-        self._state = LoraState(captured, store, store_name, options=Options(fuse=fuse, fused_loss=fused_loss))
+        self._state = LoraState(captured, store, store_name, options=Options(fuse=fuse, fused_loss=fused_loss,
+                                                                         layer_replication=layer_replication))
         self._lock = StateLock()
         self._graphs = GraphCache()
         self._records: list = []
@@ -299,7 +301,7 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
         with self._lock.write():
             if self._state.merge is None:
                 self.merge(safe=safe, keep_original=False)
-            return self._unload(keep_untied=True)
+            return self._unload(keep_untied=True, merge_tokens=True)
 
     def unload(self) -> torch.fx.GraphModule:
         """The base graph with no LoRA, weights as they were before any merge (as in PEFT, the active
@@ -309,8 +311,10 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
                 self.unmerge()
             return self._unload()
 
-    def _unload(self, keep_untied: bool = False, keep_saved: bool = True) -> torch.fx.GraphModule:
-        """The last verb of a LoraModel: the graphs without adapters, the store detached."""
+    def _unload(self, keep_untied: bool = False, keep_saved: bool = True,
+                merge_tokens: bool = False) -> torch.fx.GraphModule:
+        """The last verb of a LoraModel: the graphs without adapters, the store detached (``merge_tokens``: the
+        active adapters' trainable tokens written into their weights' rows, as PEFT's merge_and_unload does)."""
         state = self._state
         gm, store = self.graph_module, state.store
         plan = state.plan(adapters=False)
@@ -328,6 +332,14 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
                         pairs = [(gm.get_parameter(f"{path}.{n}"), p) for n, p in module.named_parameters()]
                         pairs += [(gm.get_buffer(f"{path}.{n}"), b) for n, b in module.named_buffers()]
                         copies(pairs)(tx)
+            if merge_tokens:
+                for path, deltas in state.token_paths().items():
+                    weight = gm.get_parameter(f"{path}.weight")
+                    rows = weight.detach()
+                    for delta_path in deltas:
+                        t = gm.get_submodule(delta_path)
+                        rows = rows.index_copy(0, t.indices, t.delta.detach().to(rows.dtype))
+                    copies([(weight, rows)])(tx)
             install(derived, tx)
             for p in store.parameters():
                 tx.requires_grad(p, False)

@@ -80,6 +80,11 @@ class ReportMixin:
             for path, (_, module) in entry.saved_copies().items():
                 n = sum(p.numel() for p in module.parameters())
                 passes.append(f"modules_to_save: {path} -> trainable copy in adapter {name!r} ({n:,} parameters)")
+            for head, emb in entry.ties.items():
+                passes.append(f"ensure_weight_tying: {head} reads {emb}'s adapter {name!r} (one weight, one update)")
+            for path, (_, tokens) in entry.token_deltas().items():
+                passes.append(f"trainable tokens: rows {tokens.indices.tolist()} of {path} in adapter {name!r} "
+                              f"({tokens.delta.numel():,} parameters; every read of its weight, a tied head's too)")
             if entry.bias != "none":
                 passes.append(f"bias={entry.bias!r}: {len(self.bias_parameters(name))} base biases trainable "
                               f"in adapter {name!r}")

@@ -22,6 +22,7 @@ from ..adapters.store import BANK, AdapterEntry, AdapterStore
 from ..errors import AdapterError
 from ..passes.fold import MergeState
 from ..passes.plan import RewritePlan, RoutedBranch, UnitBranch
+from ..variants.tied import TiedView
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Options:
     fused_loss: bool = False  # compute the model's LM loss without materialising the logits
     compile_options: Mapping[str, Any] | None = None  # set by lora_fx.compile: generation compiles its steps so
     sharded: bool = False  # lora_fx.fully_shard: only the first capture's graph runs
+    layer_replication: tuple | None = None  # PEFT's layer map the model was replicated with before capture
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,30 @@ class LoraState:
                 out.setdefault(path, f"{self.store_name}.{name}.{rel}")
         return out
 
+    def saved_tie_paths(self) -> dict[str, str]:
+        """Module path -> the saved module path whose copy's weight it reads (ensure_weight_tying)."""
+        out: dict[str, str] = {}
+        for name in self.active:
+            for path, saved in self.entries[name].saved_ties.items():
+                out.setdefault(path, saved)
+        return out
+
+    def token_paths(self) -> dict[str, tuple[str, ...]]:
+        """Module path -> paths of the active adapters' trainable tokens on its weight (applied in order)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for name in self.active:
+            for path, (rel, _) in self.entries[name].token_deltas().items():
+                out[path] = (*out.get(path, ()), f"{self.store_name}.{name}.{rel}")
+        return out
+
     # ---- deriving -------------------------------------------------------------------------------------
     def plan(self, *, prefix: str = "", strip: str = "", adapters: bool = True) -> RewritePlan:
         """What the graphs compute for this state. ``strip`` / ``prefix``: where a capture's root sits in the model
         (saved-module paths are renamed accordingly); ``adapters=False``: no branch at all (unload)."""
         saved = {prefix + p[len(strip):]: v for p, v in self.saved_paths().items() if p.startswith(strip)}
+        tokens = {prefix + p[len(strip):]: v for p, v in self.token_paths().items() if p.startswith(strip)}
+        ties = {prefix + p[len(strip):]: prefix + v[len(strip):] for p, v in self.saved_tie_paths().items()
+                if p.startswith(strip) and v.startswith(strip)}
         untied = self.merge.untied if self.merge is not None else {}
         if not adapters:
             return RewritePlan({}, self.options.fuse, {}, untied)
@@ -108,9 +129,14 @@ class LoraState:
             return RewritePlan(branches, self.options.fuse, saved, untied, f"{bank_path}.default_route", loss)
         branches: dict[str, tuple] = {}
         for name in self.live:
-            for key, unit in self.entries[name].by_key.items():
+            entry = self.entries[name]
+            for key, unit in entry.by_key.items():
                 branches[key] = (*branches.get(key, ()), UnitBranch(name, unit, self.unit_path(name, key)))
-        return RewritePlan(branches, self.options.fuse, saved, untied, fused_loss=loss)
+            for head, emb in entry.ties.items():
+                branch = UnitBranch(name, TiedView(entry.by_key[emb]), self.unit_path(name, emb))
+                branches[head] = (*branches.get(head, ()), branch)
+        return RewritePlan(branches, self.options.fuse, saved, untied, fused_loss=loss, tokens=tokens,
+                           saved_ties=ties)
 
     def _slot(self, name: str, key: str) -> tuple:
         unit = self.entries[name].by_key.get(key) if name in self.entries else None

@@ -18,13 +18,14 @@ from typing import Any
 import torch
 
 from ..adapters.store import AdapterEntry, adapter_dtype, check_adapter_name
+from ..adapters.tokens import TokenDelta
 from ..adapters.unit import LoraUnit
 from ..bank.bank import plan_bank
-from ..errors import AdapterError, MergeError, RuleWarning, preview
+from ..errors import AdapterError, MergeError, RuleError, RuleWarning, preview
 from ..passes.fold import apply, plan_fold, plan_unfold
 from ..rules import RuleLike, as_ruleset
 from ..rules.matching import match_targets
-from ..rules.model import resolve_for_model
+from ..rules.model import resolve_for_model, saved_modules, token_paths
 from ..targets import Target, compute_dtype
 from ..variants import resolve
 from ..variants.inits import is_weight_init, svd_init
@@ -75,9 +76,16 @@ def new_entry(state: LoraState, name: str, rules: RuleLike, autocast: bool,
         if block is not None and path != block:
             raise AdapterError(f"modules_to_save={path!r} lies inside the repeated block {block!r}, whose graph "
                                "all blocks share; save a module outside the blocks (a head or an embedding).")
+    if (ruleset.layer_replication or None) != state.options.layer_replication:
+        raise AdapterError(f"Adapter {name!r} asks for layer_replication={ruleset.layer_replication}, and this model "
+                           f"was captured with {state.options.layer_replication}: replication changes the model "
+                           "before capture, so lorafy (or from_peft) the model with that adapter's config.")
     matched = match_targets(cap.targets, ruleset, type(cap.source).__name__, cap.source)
+    ties = tied_layers(cap, list(matched.rules_by_key), saved) if ruleset.ensure_weight_tying else {}
     units, residuals, idle = [], [], []
     for key, rule in matched.rules_by_key.items():
+        if key in ties:
+            continue  # the tied output layer reads its embedding's adapter (PEFT drops its own too)
         t = matched.first[key]
         variant = resolve(rule)
         if expect is not None:
@@ -98,9 +106,61 @@ def new_entry(state: LoraState, name: str, rules: RuleLike, autocast: bool,
                       "min(in, out) adds parameters but no expressiveness (PEFT accepts it too).",
                       RuleWarning, stacklevel=5)
     kept = {p: copy.deepcopy(m).requires_grad_(True) for p, m in saved.items()}
-    entry = AdapterEntry(units, kept, ruleset.bias, matched.unused_rules)
+    entry = AdapterEntry(units, kept, ruleset.bias, matched.unused_rules, tokens=token_deltas(ruleset, cap, units))
     entry.peft_config = ruleset.peft_config  # the user's LoraConfig, saved back as given
+    entry.ties = ties
+    entry.saved_ties = saved_ties(cap.source, saved) if ruleset.ensure_weight_tying else {}
     return entry, residuals
+
+
+def saved_ties(source: Any, saved: dict) -> dict[str, str]:
+    """PEFT's ``ensure_weight_tying`` for ``modules_to_save``: {module path: saved path} for the modules reading
+    a saved module's weight (a tied ``lm_head``), which then read the trained copy too."""
+    out = {}
+    for path, module in saved.items():
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            continue
+        for other, m in source.named_modules():
+            if other != path and not other.startswith(path + ".") and getattr(m, "weight", None) is weight:
+                out[other] = path
+    return out
+
+
+def tied_layers(cap: Any, keys: list[str], saved: dict) -> dict[str, str]:
+    """PEFT's ``ensure_weight_tying``: for each embedding target among ``keys``, the linear targets of the outer
+    graph reading the same weight (a tied ``lm_head``), as {output layer key: embedding key}. Warns, as PEFT does,
+    when there is nothing to tie."""
+    targets = [t for t in cap.targets if isinstance(t, Target) and not t.inert]
+    ties = {}
+    for e in (t for t in targets if t.key in keys and t.kind == "embedding"):
+        weight = cap.weight(e)
+        for t in targets:
+            if t.kind == "linear" and t.key != e.key and cap.weight(t) is weight:
+                if t.block:
+                    raise AdapterError(f"ensure_weight_tying: {t.key!r} reads {e.key!r}'s weight inside a repeated "
+                                       "block; only an output layer outside the blocks can share the adapter.")
+                ties[t.key] = e.key
+    if not ties and not saved:
+        warnings.warn("ensure_weight_tying=True, but no targeted embedding has a tied output layer (is "
+                      "tie_word_embeddings set?); nothing is tied.", RuleWarning, stacklevel=5)
+    return ties
+
+
+def token_deltas(ruleset: Any, cap: Any, units: list) -> dict[str, TokenDelta]:
+    """The adapter's trainable tokens (PEFT's ``trainable_token_indices``), initialised to the current rows."""
+    paths = token_paths(ruleset, cap.source, saved_modules(ruleset, cap.source))
+    keys = {u.key for u in units}
+    out = {}
+    for path, rows in paths.items():
+        if path in keys:
+            raise AdapterError(f"{path!r} has LoRA and trainable_token_indices; give it one of them (the trainable "
+                               "tokens train its rows directly).")
+        try:
+            out[path] = TokenDelta(cap.source.get_submodule(path).weight, rows)
+        except ValueError as e:
+            raise RuleError(f"trainable_token_indices on {path!r}: {e}.") from None
+    return out
 
 
 def with_entry(state: LoraState, name: str, entry: AdapterEntry, residuals: list | None = None,
@@ -190,8 +250,9 @@ def plan_merge(state: LoraState, adapter_names: str | Iterable[str] | None, *, s
     for t in state.captured.targets:
         if isinstance(t, Target):
             targets.setdefault(t.key, []).append(t)
+    in_place = {emb for name in names for emb in state.entry(name).ties.values()}  # the tied head follows
     writes = plan_fold(state.captured, targets, units_by_key, names, safe=safe, keep_original=keep_original,
-                       progress=progress)
+                       progress=progress, in_place=in_place)
     gm = state.captured.graph_module
     return Change(state.next(merge=writes.state), [lambda tx: apply(writes, tx, gm)])
 

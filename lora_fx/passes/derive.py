@@ -9,7 +9,8 @@ linear in the number of targets. Nothing is ever undone: the next rebuild starts
 The pipelines::
 
     block template:  untie_merged -> insert_branches -> fuse_siblings
-    outer graph:     untie_merged -> fuse_loss -> insert_branches -> fuse_siblings -> swap_saved -> wire_block_calls
+    outer graph:     untie_merged -> fuse_loss -> insert_branches -> fuse_siblings -> swap_saved -> swap_tokens
+                     -> wire_block_calls
 
 A routed plan gives the outer graph one more input, ``lora_route`` (the slot of each row; default: the bank's
 default route), which every routed branch and block reads.
@@ -38,6 +39,7 @@ from .insert import insert_branches
 from .pipeline import GraphContext, Record, run_pipeline
 from .plan import Ref, RewritePlan, RoutedBranch
 from .saved import swap_saved
+from .tokens import swap_tokens
 from .untie import untie_merged
 from .wire import wire_block_calls
 
@@ -45,7 +47,8 @@ if TYPE_CHECKING:
     from ..capture import Captured
 
 BLOCK_PIPELINE = (untie_merged, insert_branches, fuse_siblings)
-OUTER_PIPELINE = (untie_merged, fuse_loss, insert_branches, fuse_siblings, swap_saved, wire_block_calls)
+OUTER_PIPELINE = (untie_merged, fuse_loss, insert_branches, fuse_siblings, swap_saved, swap_tokens,
+                  wire_block_calls)
 ROUTE_INPUT = "lora_route"
 
 

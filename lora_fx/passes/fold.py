@@ -74,10 +74,11 @@ class Writes:
 
 
 def plan_fold(cap: Any, targets: dict[str, list], units_by_key: dict[str, list], adapters: list[str], *,
-              safe: bool = False, keep_original: bool = True,
-              progress: Callable[[str], None] | None = None) -> Writes:
+              safe: bool = False, keep_original: bool = True, progress: Callable[[str], None] | None = None,
+              in_place: set[str] | frozenset[str] = frozenset()) -> Writes:
     """Everything merging ``units_by_key`` (key -> [(adapter, unit)]) into the weights writes, computed aside.
-    ``safe``: refuse non-finite results. ``keep_original``: keep an exact copy of W for unfold."""
+    ``safe``: refuse non-finite results. ``keep_original``: keep an exact copy of W for unfold. ``in_place``: keys
+    whose shared weight takes the merge itself (its other uses follow: ``ensure_weight_tying``)."""
     out, folds = Writes(), []
     for key, units in units_by_key.items():
         ts = targets[key]
@@ -101,7 +102,7 @@ def plan_fold(cap: Any, targets: dict[str, list], units_by_key: dict[str, list],
         bias, merged_bias = _bias_merge(cap, key, ts[0], units)
         if safe and merged_bias is not None and not torch.isfinite(merged_bias).all():
             raise MergeError(f"Merging lora_B's bias into {key!r} gives non-finite values; nothing was merged.")
-        if ts[0].shared:
+        if ts[0].shared and key not in in_place:
             f = _untie(cap, key, ts, w, merged, out)
         else:
             original = w.detach().clone() if keep_original else None

@@ -30,6 +30,7 @@ class Action(enum.Enum):
     FUSED = "fused"  # a branch computed by a fused sibling op
     UNTIED = "untied"  # a merged key reads its own copy of a shared weight
     SAVED = "saved"  # a module's uses re-targeted to its modules_to_save copy
+    TOKENS = "tokens"  # a read of a weight given the trainable tokens' rows
     WIRED = "wired"  # a block call given the adapter tensors its program reads
     FUSED_LOSS = "fused_loss"  # an output layer and its cross-entropy computed without the logits
 

@@ -67,6 +67,8 @@ class RewritePlan:
     untied: Mapping[str, str] = field(default_factory=dict)  # key -> path of its merged weight's own copy
     route_default: str | None = None  # the bank's default route buffer when graphs are routed (else None)
     fused_loss: bool = False  # compute the LM loss from the hidden states (``fuse_loss``)
+    tokens: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # module path -> its trainable tokens' paths
+    saved_ties: Mapping[str, str] = field(default_factory=dict)  # module path -> the saved path its weight is tied to
 
     @property
     def routed(self) -> bool:

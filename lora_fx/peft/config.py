@@ -25,11 +25,11 @@ from ..variants import inits, mixed, peft_fields, rule_fields
 
 # Options that change what PEFT builds and that this version does not reproduce: refuse, never ignore.
 _UNSUPPORTED_WHEN_SET = (
-    "megatron_config", "trainable_token_indices",
+    "megatron_config",
     "eva_config", "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
-    "monteclora_config", "layer_replication", "target_parameters", "arrow_config", "kasa_config", "use_bdlora",
+    "monteclora_config", "target_parameters", "arrow_config", "kasa_config", "use_bdlora",
 )
-_UNSUPPORTED_WHEN_TRUE = ("use_qalora", "ensure_weight_tying")
+_UNSUPPORTED_WHEN_TRUE = ("use_qalora",)
 
 
 def is_peft_config(obj: Any) -> bool:
@@ -97,6 +97,10 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
                    layers_pattern=tuple(pattern) if pattern else None, exclude_output_layer=all_linear,
                    bias=c.get("bias", "none") or "none",
                    modules_to_save=_modules_to_save(c), optional_saves=TASK_HEADS.get(c.get("task_type"), ()),
+                   trainable_token_indices=c.get("trainable_token_indices") or None,
+                   ensure_weight_tying=bool(c.get("ensure_weight_tying", False)),
+                   layer_replication=tuple(tuple(s) for s in c["layer_replication"]) if c.get("layer_replication")
+                   else None,
                    peft_config=_as_given(c))
 
 
@@ -113,7 +117,8 @@ def _modules_to_save(c: dict[str, Any]) -> tuple[str, ...] | None:
 # What a saved adapter_config.json keeps of the user's LoraConfig as given (the rest is computed from the units)
 AS_GIVEN = ("task_type", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
             "modules_to_save", "base_model_name_or_path", "revision", "r", "lora_alpha", "rank_pattern",
-            "alpha_pattern", "lora_dropout")
+            "alpha_pattern", "lora_dropout", "trainable_token_indices", "ensure_weight_tying",
+            "layer_replication")
 TASKS = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
          "ForQuestionAnswering": "QUESTION_ANS", "ForConditionalGeneration": "SEQ_2_SEQ_LM",
          "ForSeq2SeqLM": "SEQ_2_SEQ_LM"}

@@ -190,6 +190,9 @@ class RuleSet:
     bias: str = "none"  # PEFT's bias: "none" | "all" (every bias trainable) | "lora_only" (targeted layers')
     modules_to_save: tuple[str, ...] | None = None  # PEFT's: whole modules trained as copies, saved in full
     optional_saves: tuple[str, ...] = ()  # names in modules_to_save a model may lack (a task's head: "score")
+    trainable_token_indices: Any = None  # PEFT's: [rows] of the input embedding, or {module name: [rows]}
+    ensure_weight_tying: bool = False  # PEFT's: tied layers follow the embedding's adapter
+    layer_replication: tuple[tuple[int, int], ...] | None = None  # PEFT's: layers stacked again before capture
     peft_config: dict[str, Any] | None = None  # the LoraConfig these rules came from (saved back as given)
 
     def __post_init__(self) -> None:

@@ -83,7 +83,6 @@ def test_lora_config_translation():
     (dict(target_modules=["q"], use_qalora=True), "use_qalora"),
     (dict(target_modules=["q"], eva_config={"rho": 2.0}), "eva_config"),
     (dict(target_modules=None), "target_modules"),
-    (dict(target_modules=["q"], target_parameters=["experts.gate_up_proj"]), "target_parameters"),
 ])
 def test_unsupported_lora_config_options_are_refused(cfg, fragment):
     with pytest.raises(RuleError, match=fragment):

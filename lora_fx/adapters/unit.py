@@ -44,6 +44,7 @@ class LoraUnit(nn.Module):
         variant.check(key, strategy, geometry, rule.r)
         check_target(rule.init, key, strategy, geometry)
         self.key, self.strategy, self.geometry, self.variant = key, strategy, geometry, variant
+        self.peft_key = key  # the module name PEFT's files use (a parameter target's: ``peft.parameter_keys``)
         self.r, self.alpha, self.use_rslora, self.init = rule.r, rule.alpha, rule.use_rslora, rule.init
         shape_a, shape_b = variant.shapes(strategy, geometry, rule.r)
         need = (math.prod(shape_a) + math.prod(shape_b)) * torch.empty((), dtype=dtype).element_size()

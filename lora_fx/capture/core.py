@@ -31,6 +31,7 @@ from ..passes.common import copy_graph
 from ..targets import Target, Unsupported, arg, base_weight, find_targets, idle_modules, weight_uses
 from .blocks import Block, Template
 from .calls import CallSignature, call_key
+from .experts import native_grouped
 from .exporting import export_program, share_parameters
 from .masks import elide_masks
 from .modes import check_traced, mode_dependent
@@ -162,6 +163,10 @@ def distinct_inputs(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[st
 
 
 def _finish(gm, source, method, mode_fixed, templates, blocks) -> Captured:
+    if native_grouped(gm.graph):
+        gm.recompile()
+    for t in templates.values():
+        native_grouped(t.graph)
     cap = Captured(gm, copy_graph(gm.graph), source, method, mode_fixed, templates, blocks)
     cap.template_ids = {path: block.template for path, block in blocks.items()}
     cap.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in blocks)
@@ -174,10 +179,12 @@ def _finish(gm, source, method, mode_fixed, templates, blocks) -> Captured:
     key_uses = Counter(t.key for t in outer if isinstance(t, Target))
     placed: list[Target | Unsupported] = []
     seen: set[str] = set()
-    by_name = {t.node: t for t in outer}
+    by_name: dict[str, list] = {}
+    for t in outer:
+        by_name.setdefault(t.node, []).append(t)
     for node in gm.graph.nodes:
         if node.name in by_name:
-            placed.append(by_name[node.name])
+            placed += by_name[node.name]
         elif node.op == "call_module" and node.target in blocks and node.target not in seen:
             seen.add(node.target)
             for t in cap.template_of(node.target).targets:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.export import Dim
 
 from ..errors import CaptureError
+from .experts import traceable_experts
 
 
 def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
@@ -28,7 +29,8 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tor
     except TypeError as e:
         raise CaptureError(f"example inputs do not fit {type(model).__name__}.forward: {e}.") from None
     try:
-        with no_kv_cache(model, kwargs), _quiet_specialisation(), _explicit_keywords(model, bound) as bound:
+        with no_kv_cache(model, kwargs), _quiet_specialisation(), traceable_experts(model), \
+                _explicit_keywords(model, bound) as bound:
             dynamic = {name: _auto_dims(value) for name, value in bound.items()}
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
     except Exception as e:

@@ -49,6 +49,7 @@ class Kind:
     supports_bias = True  # PEFT has a LoRA bias (on B) for this kind
     supports_weight_init = False  # inits that take A and B from W (PiSSA / OLoRA)
     supports_dora = True
+    explicit = False  # only rules that name this kind in ``kinds=`` match it (parameter targets)
 
     def __repr__(self) -> str:
         return f"Kind({self.name!r})"
@@ -116,6 +117,12 @@ class Kind:
         """Nodes computing the unscaled branch ``B A x`` (+ lora_B's bias); ``new(op, target, args, suffix,
         kwargs=None)`` creates a tagged node."""
         raise NotImplementedError
+
+    def emit_at(self, g: fx.Graph, geometry: Any, node: fx.Node, x: fx.Node, a: fx.Node, b: fx.Node,
+                b_bias: fx.Node | None, new) -> fx.Node:
+        """``emit`` for the branch of base node ``node`` (a kind whose branch reads more of the base op than its
+        input overrides this)."""
+        return self.emit(g, geometry, x, a, b, b_bias, new)
 
     def emit_routed(self, g: fx.Graph, geometry: Any, x: fx.Node, y: fx.Node, bank: tuple, new) -> fx.Node:
         """One node computing ``y`` plus each row's own adapter's delta (``bank.routing``); ``bank`` is the node

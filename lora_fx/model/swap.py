@@ -37,6 +37,10 @@ def plan_hotswap(state: LoraState, directory: Path, name: str, config: dict, ten
                            "modules_to_save, a trained bias, or a variant the bank does not route (DoRA, a LoRA "
                            "bias). Load it as a new adapter.")
     units = state.entries[name].by_key
+    for key, unit in units.items():
+        why = unit.strategy.refusal(unit.geometry, "routing (a hot swap writes the adapter bank)")
+        if why:
+            raise AdapterError(f"hotswap=True on adapter {name!r}: {key!r} is {why}. Load it as a new adapter.")
     plan = _swap_plan(directory, units, tensors, ruleset)
     rank = max(r for _, r, _, _, _ in plan.values())
     change = Change(state.next(), derive=False)

@@ -23,6 +23,7 @@ from ..adapters.unit import LoraUnit
 from ..bank.bank import plan_bank
 from ..errors import AdapterError, MergeError, RuleError, RuleWarning, preview
 from ..passes.fold import apply, plan_fold, plan_unfold
+from ..peft.checkpoint import parameter_keys
 from ..rules import RuleLike, as_ruleset
 from ..rules.matching import match_targets
 from ..rules.model import resolve_for_model, saved_modules, token_paths
@@ -83,18 +84,20 @@ def new_entry(state: LoraState, name: str, rules: RuleLike, autocast: bool,
     matched = match_targets(cap.targets, ruleset, type(cap.source).__name__, cap.source)
     ties = tied_layers(cap, list(matched.rules_by_key), saved) if ruleset.ensure_weight_tying else {}
     units, residuals, idle = [], [], []
+    peft_keys = parameter_keys([k for k, t in matched.first.items() if t.strategy.explicit], cap.source)
     for key, rule in matched.rules_by_key.items():
         if key in ties:
             continue  # the tied output layer reads its embedding's adapter (PEFT drops its own too)
         t = matched.first[key]
         variant = resolve(rule)
         if expect is not None:
-            expect(key, variant.peft_shapes(t.strategy, t.geometry, rule.r))
+            expect(peft_keys.get(key, key), variant.peft_shapes(t.strategy, t.geometry, rule.r))
         if rule.r > max(t.in_features, t.out_features):
             idle.append(key)
         weight = cap.weight(t)
         unit = LoraUnit(key, t.strategy, t.geometry, rule, device=weight.device,
                         dtype=adapter_dtype(compute_dtype(t, weight), autocast), variant=variant)
+        unit.peft_key = peft_keys.get(key, key)
         unit.variant.init(unit, weight)
         if is_weight_init(rule.init):  # PiSSA / OLoRA: A, B from W; the base keeps W - s·B A
             if state.merge is not None:

@@ -44,13 +44,18 @@ def fuse_loss(graph: fx.Graph, ctx: GraphContext) -> list[Record]:
     if not ctx.plan.fused_loss:
         return []
     nodes, records = node_map(graph), []
-    by_node = {t.node: t for t in ctx.targets}
+    by_node: dict[str, list] = {}
+    for t in ctx.targets:
+        by_node.setdefault(t.node, []).append(t)
     for loss in [n for n in graph.nodes if _cross_entropy(n) is not None]:
         logits, labels, ignore_index, reduction = _cross_entropy(loss)
         chain, base = _walk_back(logits)
-        t = by_node.get(base.name) if isinstance(base, fx.Node) else None
-        if t is None or t.strategy is not LINEAR or t.op not in _LINEAR_OPS or t.key in ctx.consumed:
+        ts = by_node.get(base.name, []) if isinstance(base, fx.Node) else []
+        t = next((x for x in ts if x.strategy is LINEAR), None)
+        if t is None or t.op not in _LINEAR_OPS or t.key in ctx.consumed:
             continue
+        if any(x is not t and ctx.branches(x) for x in ts):
+            continue  # the head's weight also has a parameter target's adapter: left unfused
         branch = _branch(ctx, t)
         if branch is False or not _only_read_by(base, chain, loss):
             continue

@@ -35,17 +35,37 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
+def parameter_keys(keys: list[str], source: Any) -> dict[str, str]:
+    """PEFT's module name for each parameter target key (``target_parameters``): the owning module, behind one
+    ``base_layer.`` per parameter of the same module targeted after it (PEFT nests one wrapper per parameter, in
+    the module's registration order), e.g. ``experts.gate_up_proj`` -> ``experts.base_layer`` when ``down_proj``
+    is targeted too."""
+    owners: dict[str, list[str]] = {}
+    for key in keys:
+        owners.setdefault(key.rpartition(".")[0], []).append(key.rpartition(".")[2])
+    out = {}
+    for owner, leaves in owners.items():
+        try:
+            order = [n for n, _ in source.get_submodule(owner).named_parameters(recurse=False)]
+        except AttributeError:
+            order = sorted(leaves)
+        ranked = sorted(leaves, key=lambda n: order.index(n) if n in order else len(order))
+        for i, leaf in enumerate(ranked):
+            out[f"{owner}.{leaf}" if owner else leaf] = owner + ".base_layer" * (len(ranked) - 1 - i)
+    return out
+
+
 def unit_tensors(unit: Any) -> dict[str, torch.Tensor]:
     """PEFT's tensor name -> the unit's tensor (its variant's names; a padded bank slot: views of its true rank,
     which copying into writes the slot)."""
-    return {f"{PREFIX}{unit.key}.{suffix}": t for suffix, t in unit.variant.peft_tensors(unit).items()}
+    return {f"{PREFIX}{unit.peft_key}.{suffix}": t for suffix, t in unit.variant.peft_tensors(unit).items()}
 
 
 def file_tensors(unit: Any, value=lambda t: t) -> dict[str, torch.Tensor]:
     """PEFT's tensor name -> what PEFT's file holds there for ``unit`` (``value`` maps each of the unit's tensors
     first: a Trainer's state_dict entry, a gathered shard; output slices are written as PEFT's whole-layer B)."""
     mine = {suffix: value(t) for suffix, t in unit.variant.peft_tensors(unit).items()}
-    return {f"{PREFIX}{unit.key}.{s}": t for s, t in unit.variant.saved_tensors(unit, mine).items()}
+    return {f"{PREFIX}{unit.peft_key}.{s}": t for s, t in unit.variant.saved_tensors(unit, mine).items()}
 
 
 def adapter_dir(path: str | os.PathLike, adapter_name: str) -> Path:
@@ -182,7 +202,7 @@ def fit(units: list, tensors: dict[str, torch.Tensor], source: Path,
     expected.update(extra or {})
     tensors = dict(tensors)
     for unit in units:
-        prefix = f"{PREFIX}{unit.key}."
+        prefix = f"{PREFIX}{unit.peft_key}."
         mine = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
         tensors.update({prefix + s: t for s, t in unit.variant.loaded_tensors(unit, mine, source).items()})
     missing = sorted(set(expected) - set(tensors))

@@ -27,7 +27,7 @@ from ..variants import inits, mixed, peft_fields, rule_fields
 _UNSUPPORTED_WHEN_SET = (
     "megatron_config",
     "eva_config", "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
-    "monteclora_config", "target_parameters", "arrow_config", "kasa_config", "use_bdlora",
+    "monteclora_config", "arrow_config", "kasa_config", "use_bdlora",
 )
 _UNSUPPORTED_WHEN_TRUE = ("use_qalora",)
 
@@ -67,14 +67,15 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
             raise RuleError(f"LoraConfig.{name}=True is not supported by this version of lora_fx; set it to False.")
     _check_values(c)
 
-    targets = c.get("target_modules")
-    if targets is None:
+    targets, parameters = c.get("target_modules"), c.get("target_parameters") or None
+    if targets is None and parameters is None:
         raise RuleError(
             "LoraConfig.target_modules=None: lora_fx has no per-architecture default; name the targets, "
-            "e.g. ['q_proj', 'v_proj'], a regex like '.*\\.(q|v)_proj', or 'all-linear'."
+            "e.g. ['q_proj', 'v_proj'], a regex like '.*\\.(q|v)_proj', or 'all-linear' (or target_parameters for "
+            "weights such as a mixture-of-experts' 'mlp.experts.gate_up_proj')."
         )
     all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
-    match = "*" if all_linear else "re:" + targets if isinstance(targets, str) else tuple(sorted(targets))
+    match = "*" if all_linear else "re:" + targets if isinstance(targets, str) else tuple(sorted(targets or ()))
     hyper = dict(
         r=c.get("r", 8), alpha=c.get("lora_alpha", 8), dropout=c.get("lora_dropout", 0.0),
         init=init, use_rslora=bool(c.get("use_rslora", False)), **rule_fields(c),
@@ -84,7 +85,11 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
     if excludes:
         ex_match = "re:" + excludes if isinstance(excludes, str) else tuple(sorted(excludes))
         rules.append(Rule(ex_match, exclude=True))
-    rules.append(Rule(match, kinds={"linear"} if all_linear else None, **hyper))
+    if match:
+        rules.append(Rule(match, kinds={"linear"} if all_linear else None, **hyper))
+    if parameters is not None:  # PEFT's target_parameters: parameter paths, matched like target_modules' names
+        rules.append(Rule(tuple(sorted([parameters] if isinstance(parameters, str) else parameters)),
+                          kinds={"param"}, **hyper))
     layers, pattern = c.get("layers_to_transform"), c.get("layers_pattern")
     if isinstance(targets, str) or layers in (None, []):  # PEFT applies layers_to_transform to lists only
         layers = None
@@ -115,7 +120,8 @@ def _modules_to_save(c: dict[str, Any]) -> tuple[str, ...] | None:
 
 
 # What a saved adapter_config.json keeps of the user's LoraConfig as given (the rest is computed from the units)
-AS_GIVEN = ("task_type", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+AS_GIVEN = ("task_type", "target_modules", "target_parameters", "exclude_modules", "layers_to_transform",
+            "layers_pattern",
             "modules_to_save", "base_model_name_or_path", "revision", "r", "lora_alpha", "rank_pattern",
             "alpha_pattern", "lora_dropout", "trainable_token_indices", "ensure_weight_tying",
             "layer_replication")
@@ -229,7 +235,8 @@ def config_for_units(units: list, fan_in_fan_out: bool, base_model: str | None, 
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.most_common(1)[0][0],
-        "target_modules": sorted(u.key for u in units), "exclude_modules": None,
+        "target_modules": sorted(u.key for u in units if not u.strategy.explicit) or None,
+        "target_parameters": sorted(u.key for u in units if u.strategy.explicit) or None, "exclude_modules": None,
         "rank_pattern": {u.key: u.variant.peft_rank(u) for u in units if u.variant.peft_rank(u) != r},
         "alpha_pattern": {u.key: u.variant.peft_alpha(u) for u in units if u.variant.peft_alpha(u) != alpha},
         "fan_in_fan_out": fan_in_fan_out, "bias": bias, "use_rslora": rslora.pop(),

@@ -53,13 +53,13 @@ def match_targets(found: list[Target | Unsupported], ruleset: RuleSet, model_nam
         targets.append(t)
         rules_by_key[t.key] = ruleset.effective(rule, t.key)
     if not targets:
-        keys = sorted({t.key for t in found if isinstance(t, Target)})
+        keys = sorted({t.key for t in found if isinstance(t, Target) and not t.strategy.explicit})
         labels = [r.label for r in ruleset.rules if not r.exclude]
         raise RuleError(
             f"Rules {', '.join(labels)} matched no target in {model_name}. "
             + (f"Targetable keys include: {preview(keys)}. " if keys else "The model has no targetable layer. ")
             + "A plain name matches a key or its last dotted parts, a glob matches the whole key, "
-            "'re:...' is a full-match regex."
+            "'re:...' is a full-match regex." + _explicit_hint(found, ruleset)
         )
     unused = [r.label for r in ruleset.rules if id(r) not in used]
     hit = {p for t in found for r in ruleset.rules for p in r.matching(t.key, t.kind)}
@@ -72,6 +72,19 @@ def match_targets(found: list[Target | Unsupported], ruleset: RuleSet, model_nam
                       stacklevel=5)
         unused += [repr(p) for p in typos if repr(p) not in unused]
     return Matched(targets, rules_by_key, unused)
+
+
+def _explicit_hint(found: list, ruleset: RuleSet) -> str:
+    """Name the targets of kinds a rule reaches only by naming them (parameter targets) that a rule's patterns
+    match: the rule lacks ``kinds``."""
+    near = sorted({t.key for t in found if isinstance(t, Target) and t.strategy.explicit
+                   for r in ruleset.rules if not r.exclude and any(match_pattern(p, t.key) for p in r.patterns)})
+    if not near:
+        return ""
+    kinds = sorted({t.kind for t in found if isinstance(t, Target) and t.key in near})
+    return (f" {preview(near, 4)} are parameter targets (PEFT's target_parameters, e.g. expert weights): a rule "
+            f"reaches them with kinds={kinds[0]!r} (Rule(..., kinds={kinds[0]!r}), or target_parameters in a "
+            "LoraConfig).")
 
 
 def _refuse_uncovered_modules(patterns: list, source: nn.Module, found: list, model_name: str) -> None:

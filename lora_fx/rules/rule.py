@@ -119,14 +119,19 @@ class Rule(metaclass=_Checked):
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
+    def takes(self, kind: str) -> bool:
+        """Whether this rule looks at targets of ``kind``: its ``kinds``, else every kind but the explicit ones
+        (parameter targets are reached by naming ``kinds="param"``, as PEFT's ``target_parameters`` does)."""
+        if self.kinds is None:
+            return kind not in KINDS or not KINDS[kind].explicit
+        return kind in self.kinds
+
     def matches(self, key: str, kind: str) -> bool:
-        if self.kinds is not None and kind not in self.kinds:
-            return False
-        return any(match_pattern(p, key) for p in self.patterns)
+        return self.takes(kind) and any(match_pattern(p, key) for p in self.patterns)
 
     def matching(self, key: str, kind: str) -> list[str]:
         """The patterns of this rule that match ``key`` (none when the kind is not the rule's)."""
-        if self.kinds is not None and kind not in self.kinds:
+        if not self.takes(kind):
             return []
         return [p for p in self.patterns if match_pattern(p, key)]
 

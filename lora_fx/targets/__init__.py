@@ -7,7 +7,7 @@ Example::
         print(t.key, t.kind, t.geometry)
 """
 
-from . import recognisers  # noqa: F401  (the built-in recognisers register themselves)
+from . import experts, recognisers  # noqa: F401  (the built-in recognisers register themselves)
 from .core import (
     RECOGNISERS,
     Context,

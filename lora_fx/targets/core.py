@@ -121,11 +121,19 @@ class Context:
 
 Recogniser = Callable[[Context, fx.Node], "Target | Unsupported | None"]
 RECOGNISERS: list[Recogniser] = []
+Alias = Callable[[Context, Target], "Target | None"]
+ALIASES: list[Alias] = []  # second names for a found target (a linear's weight as a parameter target)
 
 
 def recogniser(fn: Recogniser) -> Recogniser:
     """Register ``fn`` as a recogniser (a decorator)."""
     RECOGNISERS.append(fn)
+    return fn
+
+
+def alias(fn: Alias) -> Alias:
+    """Register ``fn`` as an alias maker (a decorator): it may give a found target a second key of another kind."""
+    ALIASES.append(fn)
     return fn
 
 
@@ -145,6 +153,8 @@ def find_targets(graph: fx.Graph, gm: nn.Module, source: nn.Module, graph_id: st
             t = rec(ctx, node)
             if t is not None:
                 found.append(replace(t, graph=graph_id) if isinstance(t, Target) else t)
+                if isinstance(t, Target):
+                    found += [replace(a, graph=graph_id) for make in ALIASES if (a := make(ctx, t)) is not None]
                 break
     return found
 

@@ -132,7 +132,8 @@ class Variant:
     def emit(self, bb: Any) -> fx.Node:
         """The branch nodes after the base node (``bb``: the insert pass's BranchBuilder); returns the new output."""
         x = bb.activation()
-        delta = bb.kind.emit(bb.graph, bb.geometry, x, bb.tensor("lora_A"), self.b_node(bb), self.b_bias(bb), bb.new)
+        a, b = bb.tensor("lora_A"), self.b_node(bb)
+        delta = bb.kind.emit_at(bb.graph, bb.geometry, bb.node, x, a, b, self.b_bias(bb), bb.new)
         scaled = bb.new("call_function", operator.mul, (delta, bb.unit.scaling), "lora_scaled")
         return bb.new("call_function", operator.add, (bb.y, scaled), "lora")
 

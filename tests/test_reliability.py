@@ -81,7 +81,13 @@ def test_saving_several_adapters_checks_all_before_writing(tmp_path):
                                                ("r", 4.9, "rank must be a positive integer"),
                                                ("lora_dropout", "x", "lora_dropout"),
                                                ("lora_alpha", True, "alpha must be a number"),
-                                               ("rank_pattern", {"(": 2}, "not a valid regular expression")])
+                                               ("rank_pattern", {"(": 2}, "not a valid regular expression"),
+                                               ("target_modules", 5, "target_modules=5: use a list"),
+                                               ("rank_pattern", [1], "rank_pattern=\\[1\\]: use a dict"),
+                                               ("alpha_pattern", "x", "alpha_pattern='x': use a dict"),
+                                               ("modules_to_save", "lm_head", "modules_to_save='lm_head'.*e.g."),
+                                               ("use_rslora", "false", "use_rslora='false': use true or false"),
+                                               ("layers_to_transform", "0", "layers_to_transform='0'")])
 def test_bad_config_values_are_named(tmp_path, field, value, match):
     _mlp().save_pretrained(tmp_path)
     config = json.loads((tmp_path / ckpt.CONFIG_NAME).read_text())
@@ -188,3 +194,65 @@ def test_merge_dir_out_values(tmp_path, model_dirs, monkeypatch):
     merge_dir.merge_model_dir(base, adapter, afile, force=True, progress=False)
     assert _complete(afile)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".afile")]
+
+
+def _corrupt_config(tmp_path, text: str) -> None:
+    _mlp().save_pretrained(tmp_path)
+    (tmp_path / ckpt.CONFIG_NAME).write_text(text)
+
+
+def test_a_deeply_nested_config_is_named(tmp_path):
+    _corrupt_config(tmp_path, "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="nests too deeply|not valid JSON"):
+        lora_fx.from_peft(ZOO["mlp"].build(), tmp_path)
+
+
+def test_an_unreadable_directory_or_config_is_named(tmp_path, monkeypatch):
+    _mlp().save_pretrained(tmp_path)
+    real = Path.is_file
+
+    def denied(path):
+        if path.parent == tmp_path:
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+    monkeypatch.setattr(Path, "is_file", denied)
+    with pytest.raises(CheckpointError, match=f"{tmp_path} cannot be read .*Permission denied"):
+        lora_fx.from_peft(ZOO["mlp"].build(), tmp_path)
+    monkeypatch.setattr(Path, "is_file", real)
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(PermissionError(13, "no")))
+    with pytest.raises(CheckpointError, match="adapter_config.json cannot be read"):
+        lora_fx.from_peft(ZOO["mlp"].build(), tmp_path)
+
+
+def test_a_huge_tensor_in_the_header_is_refused_before_reading(tmp_path):
+    """A header declaring a 2 GiB tensor the model has no place for, on a sparse file: refused from the header."""
+    import struct
+
+    _mlp().save_pretrained(tmp_path)
+    weights = tmp_path / ckpt.WEIGHTS_NAME
+    n = 2**29  # float32: 2 GiB
+    header = json.dumps({"base_model.model.fc9.lora_A.weight": {"dtype": "F32", "shape": [n // 8, 8],
+                                                                  "data_offsets": [0, 4 * n]}}).encode()
+    with open(weights, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 4 * n)  # sparse: nothing written
+    with pytest.raises(CheckpointError, match="larger than any weight of this model"):
+        lora_fx.from_peft(ZOO["mlp"].build(), tmp_path)
+
+
+def test_float8_adapter_tensors_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    lm = _mlp()
+    lm.save_pretrained(tmp_path)
+    tensors = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(tmp_path / ckpt.WEIGHTS_NAME).items()}
+    save_file(tensors, tmp_path / ckpt.WEIGHTS_NAME)
+    back = lora_fx.from_peft(ZOO["mlp"].build(), tmp_path)
+    assert torch.equal(back.unit("fc1").lora_A, tensors["base_model.model.fc1.lora_A.weight"].float())
+
+
+def test_an_absurd_bank_rank_is_refused_before_allocating():
+    lm = _mlp()
+    with pytest.raises(lora_fx.AdapterError, match="max_rank=1000000000.*GiB, more than this cpu device has"):
+        lm.build_adapter_bank(max_rank=10**9)
+    assert lm.state.bank is None

@@ -23,7 +23,7 @@ from ..variants import Variant, resolve
 from ..variants.inits import check_target, random_part
 
 
-def _memory(device: torch.device) -> int:
+def device_memory(device: torch.device) -> int:
     """Bytes of memory ``device`` has in all (an upper bound for one allocation)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[1]
@@ -48,7 +48,7 @@ class LoraUnit(nn.Module):
         self.r, self.alpha, self.use_rslora, self.init = rule.r, rule.alpha, rule.use_rslora, rule.init
         shape_a, shape_b = variant.shapes(strategy, geometry, rule.r)
         need = (math.prod(shape_a) + math.prod(shape_b)) * torch.empty((), dtype=dtype).element_size()
-        if need > _memory(device):  # an absurd r (a config's typo) is refused before the allocator is asked
+        if need > device_memory(device):  # an absurd r (a config's typo) is refused before the allocator is asked
             raise RuleError(f"Rule {rule.label}: r={rule.r} on {key!r} needs A {tuple(shape_a)} and B "
                             f"{tuple(shape_b)}: {need / 2**30:.1f} GiB, more than this {device.type} device has; use "
                             "a smaller r (or rank_pattern for this key).")

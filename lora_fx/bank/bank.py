@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from ..adapters.store import BANK, BASE
+from ..adapters.unit import device_memory
 from ..errors import AdapterError
 from ..passes.common import ident
 
@@ -135,6 +137,20 @@ def bank_refusal(entries: Mapping[str, Any]) -> str | None:
 
 
 @torch.no_grad()
+def _check_size(keys: Mapping[str, list], rank: int, slots: int, asked: Any) -> None:
+    """Refuse a bank larger than its device's memory before asking the allocator (``max_rank=10**9``)."""
+    need, device = 0, None
+    for units in keys.values():
+        unit = next(u for u in units if u is not None)
+        shape_a, shape_b = unit.strategy.shapes(unit.geometry, rank)
+        need += slots * (math.prod(shape_a) + math.prod(shape_b)) * unit.lora_A.element_size()
+        device = unit.lora_A.device
+    if device is not None and need > device_memory(device):
+        raise AdapterError(f"max_rank={asked!r}: the bank would stack {slots} slots of rank {rank} on "
+                           f"{len(keys)} targets, {need / 2**30:.1f} GiB, more than this {device.type} device has; "
+                           "use a max_rank near the adapters' ranks.")
+
+
 def plan_bank(entries: Mapping[str, Any], max_rank: int | None = None,
               default: str | None = None) -> tuple[AdapterBank, list[tuple[nn.Parameter, torch.Tensor]]]:
     """A new bank stacking ``entries`` (every adapter, in order) and the ``(parameter, view of its slot)`` links a
@@ -160,6 +176,7 @@ def plan_bank(entries: Mapping[str, Any], max_rank: int | None = None,
         if len(dtypes) > 1:
             raise AdapterError(f"The adapters on {key!r} have different dtypes {sorted(map(str, dtypes))}; the bank "
                                "stacks one dtype per target: cast them to one dtype (lm.to(dtype)) first.")
+    _check_size(keys, rank, len(names) + 1, max_rank)
     bank = AdapterBank(names, rank)
     if default is not None:
         bank.default_route.fill_(bank.slot_of(default))

@@ -55,7 +55,21 @@ class CallSignature:
         for name in LOSS_KWARGS:
             if isinstance(call.get(name), int) and not isinstance(call[name], bool):
                 call[name] = torch.tensor(call[name])
+        _positions_to_keep(call)
         return {name: value for name, value in call.items() if value is not None}
+
+
+def _positions_to_keep(call: dict[str, Any]) -> None:
+    """transformers' ``logits_to_keep=k`` (the last k positions) as the index tensor it also accepts, so each k is
+    data, not a graph of its own (0, every position, stays as it is)."""
+    k = call.get("logits_to_keep")
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+        return
+    seq = next((call[n] for n in ("input_ids", "inputs_embeds") if isinstance(call.get(n), torch.Tensor)
+                and call[n].dim() >= 2), None)
+    if seq is not None:
+        length = seq.shape[1]
+        call["logits_to_keep"] = torch.arange(max(length - k, 0), length, device=seq.device)
 
 
 def call_key(call: dict[str, Any]) -> tuple:

@@ -4,7 +4,9 @@
 every block of the group reuses it, so compile time stops growing with depth; the module is compiled in place
 and returned. This is the default for a module with blocks, in training mode, with trainable parameters (a
 LoraModel after ``lm.train()``). Otherwise (inference, a merged graph, a module without blocks) the module goes
-through ``torch.compile`` whole, which runs small batches faster (no Python between blocks). Defaults:
+through ``torch.compile`` whole, which runs small batches faster (no Python between blocks); a LoraModel is
+compiled in place there too: its graphs are compiled, not its Python wrapper, and several adapters are banked
+first, so ``set_adapter``, routes and hot swaps do not recompile. Defaults:
 ``mode="max-autotune"`` when the parameters are on CUDA (Triton GEMM autotuning, plus CUDA graphs for a
 whole-module compile: best steady-state latency, slower first compile) and the default mode on CPU (autotuning
 buys little there and costs compile time). ``dynamic=None`` lets shapes that vary (batch, sequence) become
@@ -51,7 +53,22 @@ def compile(module: nn.Module, *, regional: bool | None = None, **torch_compile_
         for block in blocks:
             block.set_compile(options)
         return module
+    if callable(configure) and hasattr(module, "build_adapter_bank"):
+        _bank_for_serving(module)
+        configure(graph_compile=options)  # its graphs compiled, not its Python: adapter switches do not recompile
+        return module
     return torch.compile(module, **options)
+
+
+def _bank_for_serving(lm: Any) -> None:
+    """A LoraModel with several adapters gets an adapter bank, so switching between them (``set_adapter``, a route
+    per row, a hot swap) changes tensors, not graphs (a bank's refusal leaves the model as it is)."""
+    from ..bank.bank import bank_refusal
+
+    state = lm.state
+    if (len(state.names) > 1 and state.bank is None and state.merge is None and not state.options.sharded
+            and bank_refusal(state.entries) is None):
+        lm.build_adapter_bank()
 
 
 def export(

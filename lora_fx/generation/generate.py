@@ -133,6 +133,9 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, m
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise AdapterError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     batch, prompt = input_ids.shape
+    if batch == 0 or prompt == 0:
+        raise AdapterError(f"input_ids has shape {tuple(input_ids.shape)}: generate needs at least one row and one "
+                           "prompt token per row.")
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device).long()
     if mask.shape != input_ids.shape:
         raise AdapterError(f"attention_mask has shape {tuple(mask.shape)}; it must match input_ids "

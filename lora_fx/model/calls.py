@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import weakref
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ class CallsMixin:
         self._source_forward = cap.source.__dict__.get("forward")  # a forward set on the model after this: patched
         self._patch_lock = SimpleLock()  # a patched forward swaps the model's backbone for the call's span
         self._capture_ids = itertools.count(1)
+        self._compiled_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> its compile
         forward = functools.partial(type(self).forward, self)
         functools.update_wrapper(forward, cap.source.forward)  # inspect.signature(lm.forward): the model's
         object.__setattr__(self, "forward", forward)
@@ -49,9 +51,15 @@ class CallsMixin:
         if adapter_names is not None:
             self._check_route(adapter_names, _rows(args, kwargs))
         if self._signature is None:
-            return self.run_entry(None, lambda route: self.graph_module(*args, **kwargs, **route), adapter_names)
+            return self.run_entry(None, lambda route: self.runner(self.graph_module)(*args, **kwargs, **route),
+                                  adapter_names, _rows(args, kwargs))
         if self._state.captured.source.__dict__.get("forward") is not self._source_forward:
             return self._patched_forward(args, kwargs, adapter_names)
+        if kwargs.get("use_cache") or kwargs.get("past_key_values") is not None:
+            raise AdapterError("use_cache=True / past_key_values: lora_fx's forward graphs are captured without a KV "
+                               "cache (the cache objects are not graph values); call lm(...) without them, and use "
+                               "lm.generate(...) for cached decoding (its prefill and decode graphs keep a static "
+                               "cache).")
         call = self._signature.bind(args, kwargs)
         key, mode = call_key(call), self.base_mode
         cap = self._state.captured
@@ -59,15 +67,29 @@ class CallsMixin:
                                                                                        training=mode)
         target = cap if entry is None else entry.cap
         positional = [call.pop(name) for name in self._signature.names[:target.positional]]  # as it was captured
-        return self.run_entry(entry, lambda route: target.graph_module(*positional, **call, **route), adapter_names)
+        return self.run_entry(entry, lambda route: self.runner(target.graph_module)(*positional, **call, **route),
+                              adapter_names, _rows(args, kwargs))
 
-    def run_entry(self, entry: Any, run: Any, adapter_names: list[str] | None) -> Any:
+    def runner(self, gm: nn.Module) -> Any:
+        """``gm``, or its ``torch.compile`` when ``lora_fx.compile`` compiled this model whole: the graphs are
+        compiled, not this wrapper, so nothing guards on adapter names, routes or the active adapter."""
+        options = self._state.options.graph_compile
+        if options is None or torch.compiler.is_compiling():
+            return gm
+        compiled = self._compiled_graphs.get(gm)
+        if compiled is None:
+            compiled = self._compiled_graphs.setdefault(gm, torch.compile(gm, **options))
+        return compiled
+
+    def run_entry(self, entry: Any, run: Any, adapter_names: list[str] | None, rows: int | None = None) -> Any:
         """``run(route_kwargs)`` on the graphs of the committed state (``run_state``); the route is computed
         there, from the state the graphs belong to."""
-        return self.run_state(entry, lambda: run(self._route(adapter_names)))
+        return self.run_state(entry, lambda: run(self._route(adapter_names, rows)))
 
-    def _route(self, adapter_names: list[str] | None) -> dict[str, Any]:
-        """The call's ``lora_route`` keyword (none when the graphs are not routed)."""
+    def _route(self, adapter_names: list[str] | None, rows: int | None = None) -> dict[str, Any]:
+        """The call's ``lora_route`` keyword (none when the graphs are not routed). Compiled whole, a call without
+        ``adapter_names`` passes its default route one entry per row (``rows``), shaped as a routed call's, so the
+        two share one compiled graph."""
         bank = self._state.bank
         if bank is None:
             return {}
@@ -76,7 +98,10 @@ class CallsMixin:
             if len(active) > 1:
                 raise AdapterError(f"Adapters {list(active)} are active and the adapter bank gives each row one "
                                    "adapter; pass adapter_names=[one per row] or set_adapter(one name).")
-            return {ROUTE_INPUT: bank.default_route if active else bank.route(BASE)}
+            route = bank.default_route if active else bank.route(BASE)
+            if rows and self._state.options.graph_compile is not None and route.numel() == 1:
+                route = route.repeat(rows)
+            return {ROUTE_INPUT: route}
         return {ROUTE_INPUT: bank.route(adapter_names)}
 
     @property

@@ -28,6 +28,7 @@ from ..peft.checkpoint import (
     adapter_dir,
     check_finite,
     check_header,
+    check_sizes,
     file_tensors,
     fit,
     full_tensor,
@@ -180,6 +181,10 @@ class CheckpointMixin:
             expect = header_expectation(header, origin)
             entry, residuals = new_entry(state, name, ruleset, autocast=True, expect=expect)
             refuse_mha_out_proj(source, set(entry.by_key), origin)
+        known = entry if entry is not None else state.entries.get(name)
+        known = {n for u in known.by_key.values() for n in unit_tensors(u)} if known is not None else set()
+        check_sizes({n: s for n, s in header.items() if n not in known},  # (LoRA factors: checked by shape above)
+                    max((t.numel() for t in (*source.parameters(), *source.buffers())), default=0), origin)
         tensors = read()
         tensors = drop_mha_out_proj(tensors, source, origin)
         whole = [*(config.get("modules_to_save") or ()), *(entry.saved_ties if entry is not None else ())]

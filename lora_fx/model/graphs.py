@@ -2,6 +2,9 @@
 signature, or generation's prefill and decode steps, each derived on demand from the LoraModel's state and
 stamped with the version it was derived from (``LoraModel.derived``).
 
+The cache keeps at most ``capacity`` entries (``LORA_FX_GRAPH_CACHE``, default 32) and evicts the least recently
+used; a capture that failed is remembered (its error raised again, not retried) for the same number of keys.
+
 Example::
 
     entry = lm.derived(("call", key), lambda: capture_call(...))
@@ -10,7 +13,9 @@ Example::
 
 from __future__ import annotations
 
+import os
 import threading
+from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,23 +41,58 @@ class Entry:
         return self.caps[0]
 
 
-class GraphCache(Fresh):
-    """Entries by key; ``put`` keeps the first entry stored for a key (two threads capturing the same call)."""
+def default_capacity() -> int:
+    try:
+        return max(1, int(os.environ.get("LORA_FX_GRAPH_CACHE", "32")))
+    except ValueError:
+        return 32
 
-    def __init__(self) -> None:
-        self._entries: dict[Hashable, Entry] = {}
+
+class GraphCache(Fresh):
+    """Entries by key, least recently used first; ``put`` keeps the first entry stored for a key (two threads
+    capturing the same call) and returns it with the entries it evicted beyond ``capacity``."""
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity or default_capacity()
+        self._entries: OrderedDict[Hashable, Entry] = OrderedDict()
+        self._failed: OrderedDict[Hashable, Exception] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: Hashable) -> Entry | None:
-        return self._entries.get(key)
-
-    def put(self, key: Hashable, entry: Entry) -> Entry:
         with self._lock:
-            return self._entries.setdefault(key, entry)
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
 
-    def clear(self) -> None:
+    def put(self, key: Hashable, entry: Entry) -> tuple[Entry, list[Entry]]:
         with self._lock:
+            kept = self._entries.setdefault(key, entry)
+            self._entries.move_to_end(key)
+            evicted = []
+            while len(self._entries) > self.capacity:
+                evicted.append(self._entries.popitem(last=False)[1])
+            return kept, evicted
+
+    def evict_oldest(self) -> list[Entry]:
+        with self._lock:
+            return [self._entries.popitem(last=False)[1]] if self._entries else []
+
+    def failure(self, key: Hashable) -> Exception | None:
+        return self._failed.get(key)
+
+    def fail(self, key: Hashable, error: Exception) -> None:
+        with self._lock:
+            self._failed[key] = error
+            while len(self._failed) > self.capacity:
+                self._failed.popitem(last=False)
+
+    def clear(self) -> list[Entry]:
+        with self._lock:
+            gone = list(self._entries.values())
             self._entries.clear()
+            self._failed.clear()
+            return gone
 
     def keys(self) -> list[Hashable]:
         return list(self._entries)

@@ -30,6 +30,7 @@ class Options:
     fuse: bool = True  # run eligible linear branches through the sibling-fusion pass
     fused_loss: bool = False  # compute the model's LM loss without materialising the logits
     compile_options: Mapping[str, Any] | None = None  # set by lora_fx.compile: generation compiles its steps so
+    graph_compile: Mapping[str, Any] | None = None  # lora_fx.compile of the whole model: its graphs are compiled
     sharded: bool = False  # lora_fx.fully_shard: only the first capture's graph runs
     layer_replication: tuple | None = None  # PEFT's layer map the model was replicated with before capture
 

@@ -204,6 +204,10 @@ class StateLock(Fresh):
         self._readers_turn = False  # a writer just left while readers waited: they go before the next writer
         self._local = threading.local()
 
+    def holds_read(self) -> bool:
+        """Whether this thread holds a read (it cannot take the write then)."""
+        return bool(getattr(self._local, "reads", 0))
+
     def read(self) -> _Read:
         """Hold a read. Inside its own write a thread registers a read that outlives the write (a downgrade: enter
         the read, then leave the write), so no other verb can commit in between."""

@@ -20,7 +20,7 @@ import torch
 from ..adapters.store import AdapterEntry, adapter_dtype, check_adapter_name
 from ..adapters.tokens import TokenDelta
 from ..adapters.unit import LoraUnit
-from ..bank.bank import plan_bank
+from ..bank.bank import bank_refusal, plan_bank
 from ..errors import AdapterError, MergeError, RuleError, RuleWarning, preview
 from ..passes.fold import apply, plan_fold, plan_unfold
 from ..peft.checkpoint import parameter_keys
@@ -198,6 +198,11 @@ def plan_set(state: LoraState, names: str | Iterable[str]) -> Change:
     if state.merge is not None and names != list(state.active):
         raise MergeError(f"Adapters {state.merged} are merged into the weights; unmerge() before set_adapter.")
     new = state.next(active=names)
+    if state.bank is None and state.options.graph_compile is not None and state.merge is None and (
+            len(state.entries) > 1 and not state.options.sharded and bank_refusal(state.entries) is None):
+        default = names[0] if len(names) == 1 else None  # a compiled model banks its adapters: later switches
+        bank, pairs = plan_bank(state.entries, None, default)  # recompile nothing
+        return Change(state.next(active=names, bank=bank), [links(pairs)])
     if state.bank is None:
         return Change(new)
     slot = state.bank.slot_of(names[0]) if len(names) == 1 else state.bank.base

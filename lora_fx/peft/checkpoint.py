@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -109,14 +110,27 @@ def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict
     os.replace(config_tmp, directory / CONFIG_NAME)
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError as e:  # an unreadable directory
+        raise CheckpointError(f"{path.parent} cannot be read ({type(e).__name__}: {e.strerror or e}); check its "
+                              "permissions.") from None
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
-    if not path.is_file():
+    if not _is_file(path):
         raise CheckpointError(f"{path} not found: an adapter directory needs {CONFIG_NAME} (and {WEIGHTS_NAME}).")
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-save the adapter.") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} nests too deeply to be an adapter config; re-save the adapter.") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e.strerror or e}); check its "
+                              "permissions.") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}.")
     return config
@@ -168,6 +182,18 @@ def check_header(header: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
                                   f"{shape} ({hint}); nothing was read or allocated.")
 
 
+def check_sizes(header: dict[str, tuple[int, ...]], largest: int, source: Path) -> None:
+    """Refuse, before reading, a tensor the header declares larger than any tensor of the model (``header``: the
+    names besides the LoRA factors, whose shapes are checked exactly): no saved module, embedding weight or token
+    delta is, so the file is corrupt or made for another model."""
+    for name, shape in header.items():
+        numel = math.prod(shape)
+        if numel > max(largest, 1):
+            raise CheckpointError(f"{source}: tensor {name!r} declares shape {shape} ({numel:,} elements), larger "
+                                  f"than any weight of this model ({largest:,}); the file is corrupt or made for "
+                                  "another model. Nothing was read or allocated.")
+
+
 def header_expectation(header: dict[str, tuple[int, ...]], source: Path):
     """``expect(key, {suffix: shape})`` for ``new_entry``: each unit's A and B as the file's header declares them."""
     def expect(key: str, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -184,7 +210,10 @@ def strip_adapter_name(tensors: dict[str, torch.Tensor], adapter_name: str) -> d
 
 def check_finite(tensors: dict[str, torch.Tensor], source: Path, strict: bool) -> None:
     """Warn about (``strict``: refuse) tensors holding NaN or Inf, by name."""
-    bad = sorted(n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    def finite(t: torch.Tensor) -> bool:  # float8 has no isfinite kernel: widen it
+        return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
+
+    bad = sorted(n for n, t in tensors.items() if t.is_floating_point() and not finite(t))
     if not bad:
         return
     message = (f"{source}: tensors {preview(bad, 4)} hold NaN or Inf; the adapter would make the model's outputs "

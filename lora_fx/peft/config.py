@@ -196,8 +196,44 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+_NAME_LISTS = ("target_modules", "target_parameters", "exclude_modules")  # a string (a regex) or a list of names
+_LISTS = ("modules_to_save", "layers_pattern")  # lists of names (PEFT's layers_pattern may be one string)
+_PATTERNS = ("rank_pattern", "alpha_pattern")  # {pattern: value}
+_FLAGS = ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "ensure_weight_tying", "inference_mode",
+          "use_qalora")
+
+
+def _check_types(c: dict[str, Any]) -> None:
+    """Refuse fields of the wrong type by name (a JSON file can hold anything: ``"use_rslora": "false"`` is a
+    string, not False; ``modules_to_save: "lm_head"`` is not a list)."""
+    def names(v: Any) -> bool:
+        return isinstance(v, (list, tuple, set)) and all(isinstance(x, str) for x in v)
+
+    for field in _NAME_LISTS:
+        v = c.get(field)
+        if v is not None and not isinstance(v, str) and not names(v):
+            raise RuleError(f"LoraConfig.{field}={v!r}: use a list of module names or a regex string.")
+    for field in _LISTS:
+        v = c.get(field)
+        if v is not None and not names(v) and not (field == "layers_pattern" and isinstance(v, str)):
+            raise RuleError(f"LoraConfig.{field}={v!r}: use a list of names, e.g. [{str(v)!r}].")
+    for field in _PATTERNS:
+        v = c.get(field)
+        if v is not None and not (isinstance(v, dict) and all(isinstance(k, str) for k in v)):
+            raise RuleError(f"LoraConfig.{field}={v!r}: use a dict from key pattern to value, e.g. {{'q_proj': 4}}.")
+    for field in _FLAGS:
+        v = c.get(field)
+        if v is not None and not isinstance(v, bool):
+            raise RuleError(f"LoraConfig.{field}={v!r}: use true or false (a {type(v).__name__} is not a flag).")
+    layers = c.get("layers_to_transform")
+    ints = isinstance(layers, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+    if layers is not None and not ints and not (isinstance(layers, int) and not isinstance(layers, bool)):
+        raise RuleError(f"LoraConfig.layers_to_transform={layers!r}: use a layer index or a list of them.")
+
+
 def _check_values(c: dict[str, Any]) -> None:
     """Refuse ill-typed fields by name before anything is built (a rank must be an integer: 4.9 is not 4)."""
+    _check_types(c)
     fields = {"r": c.get("r", 8), **{f"rank_pattern[{k!r}]": v for k, v in (c.get("rank_pattern") or {}).items()}}
     for name, value in fields.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

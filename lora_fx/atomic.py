@@ -4,7 +4,10 @@
 - ``atomic_write(path, write)``: the same, renamed into place;
 - ``replace_dir(out, build)``: build a directory in a temporary sibling, then swap it in (``renameat2`` exchange
   where Linux has it); what killed runs left is cleaned first;
-- ``clean_temporaries(directory, names)``: remove the temporary files killed writers left beside ``names``.
+- ``clean_temporaries(directory, names)``: remove the temporary files killed writers left beside ``names``;
+- ``commit_files(pairs, journal)``: put several staged files in place as one snapshot (all old or all new): the
+  old files are moved aside under a journal first, put back on any error, and by ``recover(journal)`` (run by the
+  next save or load) after a kill.
 
 Example::
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import re
 import shutil
@@ -124,3 +128,66 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _backup(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def commit_files(pairs: list[tuple[Path, Path]], journal: Path) -> None:
+    """Rename each staged ``(tmp, final)`` into place, as one snapshot. The journal (written first) lists the
+    finals and which of them existed; each existing final is moved to a backup before its new file goes in; any
+    error puts every old file back (a kill leaves the journal, for ``recover``). The journal and backups go once
+    all are in place."""
+    recover(journal)
+    finals = [final for _, final in pairs]
+    existed = [final for final in finals if final.exists()]
+    try:
+        record = json.dumps({"finals": [str(f) for f in finals], "existed": [str(f) for f in existed],
+                             "pid": os.getpid()})
+        listed = temp_write(journal, lambda p: Path(p).write_text(record))
+        try:
+            os.replace(listed, journal)
+        finally:
+            listed.unlink(missing_ok=True)
+        for tmp, final in pairs:
+            if final in existed:
+                os.replace(final, _backup(final))
+            os.replace(tmp, final)
+    except BaseException:
+        _roll_back(finals, existed)
+        for tmp, _ in pairs:
+            Path(tmp).unlink(missing_ok=True)
+        journal.unlink(missing_ok=True)
+        raise
+    journal.unlink()
+    for final in existed:
+        _backup(final).unlink(missing_ok=True)
+
+
+def _roll_back(finals: list[Path], existed: list[Path]) -> None:
+    """Every final as it was: its backup back where one was made; removed where it did not exist before; left
+    alone where it existed and was not moved yet."""
+    for final in reversed(finals):
+        backup = _backup(final)
+        if backup.exists():
+            os.replace(backup, final)
+        elif final not in existed:
+            final.unlink(missing_ok=True)
+
+
+def recover(journal: Path) -> None:
+    """Undo a snapshot a killed ``commit_files`` left half done (its journal exists and its writer is gone: a save
+    still running in another process is left to finish)."""
+    if not journal.exists():
+        return
+    try:
+        record = json.loads(journal.read_text())
+        finals, existed = [Path(f) for f in record["finals"]], [Path(f) for f in record["existed"]]
+        writer = int(record.get("pid", 0))
+    except (ValueError, OSError, KeyError, TypeError, AttributeError):
+        finals, existed, writer = [], [], 0
+    if writer and writer != os.getpid() and _alive(writer):
+        return
+    _roll_back(finals, existed)
+    journal.unlink(missing_ok=True)

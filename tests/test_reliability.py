@@ -256,3 +256,53 @@ def test_an_absurd_bank_rank_is_refused_before_allocating():
     with pytest.raises(lora_fx.AdapterError, match="max_rank=1000000000.*GiB, more than this cpu device has"):
         lm.build_adapter_bank(max_rank=10**9)
     assert lm.state.bank is None
+
+
+def _three(seed: int):
+    lm = _mlp(r=2, seed=seed)
+    for name in ("a", "b"):
+        lm.add_adapter(name, Rule(["fc1", "fc2"], r=2, init=False))
+    return lm
+
+
+def _outputs(path: Path) -> dict[str, torch.Tensor]:
+    lm = lora_fx.from_peft(ZOO["mlp"].build(), path)
+    for name in ("a", "b"):
+        lm.load_adapter(path / name, name)
+    x = ZOO["mlp"].inputs()[0]
+    out = {}
+    with torch.no_grad():
+        for name in ("default", "a", "b"):
+            lm.set_adapter(name)
+            out[name] = lm(x)
+    return out
+
+
+@pytest.mark.parametrize("step", [1, 2, 4, 7])
+@pytest.mark.parametrize("killed", [False, True])
+def test_a_multi_adapter_save_is_one_snapshot(tmp_path, monkeypatch, step, killed):
+    """A crash (rolled back) or a kill (nothing runs after it; the next load recovers) at any rename of a
+    three-adapter save leaves all three adapters of the old save, or all three of the new."""
+    old, new = _three(0), _three(1)
+    old.save_pretrained(tmp_path)
+    want_old = _outputs(tmp_path)
+    real, calls = os.replace, []
+
+    def replace(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step or (killed and len(calls) > step):
+            raise Crash
+        return real(*args, **kwargs)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Crash):
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    got = _outputs(tmp_path)
+    assert all(torch.equal(got[n], want_old[n]) for n in got)  # all old: the new set never half appeared
+    new.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME, "b"]
+    x = ZOO["mlp"].inputs()[0]
+    got = _outputs(tmp_path)
+    with torch.no_grad():
+        new.set_adapter("b")
+        assert torch.equal(got["b"], new(x))

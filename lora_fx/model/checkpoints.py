@@ -37,7 +37,7 @@ from ..peft.checkpoint import (
     read_header,
     read_slices,
     read_tensors,
-    save_adapter,
+    save_adapters,
     slices_metadata,
     strip_adapter_name,
     unit_tensors,
@@ -106,8 +106,7 @@ class CheckpointMixin:
             jobs = self._save_jobs(path, adapter_name if adapter_name is not None else selected_adapters,
                                    state_dict, save_embedding_layers)
         if is_main_process:
-            for directory, tensors, config, metadata in jobs:
-                save_adapter(directory, tensors, config, metadata)
+            save_adapters(Path(path), jobs)
 
     def _save_jobs(self, path: Any, chosen: Any, state_dict: dict | None, save_embedding_layers: Any) -> list:
         """Everything to write, gathered and checked before the first file is written."""

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..atomic import clean_temporaries, temp_write
+from ..atomic import clean_temporaries, commit_files, recover, temp_write
 from ..errors import CheckpointError, preview
 from ..variants import sliced
 
@@ -87,27 +87,42 @@ def prepare_dir(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
 
 
-def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
-                 metadata: dict[str, str] | None = None) -> None:
-    """Write one adapter's tensors (by PEFT name) and config into ``directory`` (created if needed) so that no
-    crash leaves a loadable mismatched pair: both files are written to temporary names first; then the old
-    config is removed, the weights renamed into place, and the config last. A crash in between leaves no
-    config (a loud "not found"), never new weights under an old config. Temporary files a killed save left
-    behind are removed first."""
-    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
-    prepare_dir(directory)
-    clean_temporaries(directory, (WEIGHTS_NAME, CONFIG_NAME))
-    metadata = {"format": "pt", **(metadata or {})}
-    weights = temp_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
+JOURNAL = ".lora_fx_save.journal"
+
+
+def save_adapters(root: Path, jobs: list[tuple[Path, dict[str, torch.Tensor], dict[str, Any], dict | None]]) -> None:
+    """Write adapters (each ``(directory, tensors by PEFT name, config, metadata)``) as one snapshot: every file is
+    written to a temporary name first (a failure there leaves the old files untouched), then all are renamed into
+    place under a journal in ``root`` (``atomic.commit_files``): a crash or kill at any point leaves all the old
+    adapters or all the new ones, never two saves mixed, nor new weights under an old config. Temporary files a
+    killed save left behind are removed first."""
+    recover(root / JOURNAL)
+    if root.is_dir():
+        clean_temporaries(root, (JOURNAL,))
+    staged: list[tuple[Path, Path]] = []
     try:
-        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        config_tmp = temp_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+        for directory, tensors, config, metadata in jobs:
+            tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+            prepare_dir(directory)
+            clean_temporaries(directory, (WEIGHTS_NAME, CONFIG_NAME))
+            meta = {"format": "pt", **(metadata or {})}
+            weights = temp_write(directory / WEIGHTS_NAME, lambda p, t=tensors, m=meta: save_file(t, p, metadata=m))
+            staged.append((weights, directory / WEIGHTS_NAME))
+            text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+            staged.append((temp_write(directory / CONFIG_NAME, lambda p, t=text: Path(p).write_text(t)),
+                           directory / CONFIG_NAME))
     except BaseException:
-        weights.unlink(missing_ok=True)
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
         raise
-    (directory / CONFIG_NAME).unlink(missing_ok=True)
-    os.replace(weights, directory / WEIGHTS_NAME)
-    os.replace(config_tmp, directory / CONFIG_NAME)
+    commit_files(staged, root / JOURNAL)
+
+
+def recover_saves(directory: Path) -> None:
+    """Put back the snapshot a killed save into ``directory`` (or into its parent, for a named adapter's
+    sub-directory) left half committed."""
+    for root in (directory, directory.parent):
+        recover(root / JOURNAL)
 
 
 def _is_file(path: Path) -> bool:
@@ -120,6 +135,7 @@ def _is_file(path: Path) -> bool:
 
 def read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
+    recover_saves(directory)
     if not _is_file(path):
         raise CheckpointError(f"{path} not found: an adapter directory needs {CONFIG_NAME} (and {WEIGHTS_NAME}).")
     try:

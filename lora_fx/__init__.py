@@ -1,7 +1,7 @@
 """lora_fx: LoRA as a compiler pass over torch.fx / torch.export graphs."""
 
 from .api import from_peft, lorafy
-from .deploy import compile, export
+from .deploy import compile, export, package, swap_adapter
 from .distributed import fully_shard
 from .errors import AdapterError, CaptureError, CheckpointError, LoraFxError, MergeError, RuleError, RuleWarning
 from .model import LoraModel
@@ -9,7 +9,8 @@ from .report import RewriteReport
 from .rules import Rule, RuleSet
 
 __all__ = [
-    "lorafy", "from_peft", "compile", "export", "fully_shard", "Rule", "RuleSet", "LoraModel", "RewriteReport",
+    "lorafy", "from_peft", "compile", "export", "package", "swap_adapter", "fully_shard", "Rule", "RuleSet",
+    "LoraModel", "RewriteReport",
     "LoraFxError", "RuleError", "CaptureError", "AdapterError", "CheckpointError", "MergeError", "RuleWarning",
 ]
 __version__ = "0.1.0"

@@ -1,9 +1,10 @@
-"""Command line: ``lora-fx demo`` and ``lora-fx merge`` (also ``python -m lora_fx ...``).
+"""Command line: ``lora-fx demo``, ``lora-fx merge`` and ``lora-fx package`` (also ``python -m lora_fx ...``).
 
 Example::
 
     lora-fx demo --steps 60 --out demo_adapter
     lora-fx merge --base ./model --adapter ./demo_adapter --out ./merged
+    lora-fx package --base ./model --adapter ./demo_adapter --out ./model.pt2 [--unmerged]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 
 from .demo import DemoConfig, run_demo
 from .deploy.merge_dir import merge_model_dir
+from .deploy.package import package_model_dir
 from .errors import LoraFxError
 
 
@@ -30,6 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--out", required=True, help="directory for the merged model")
     merge.add_argument("--force", action="store_true", help="replace a non-empty --out")
     merge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pkg = sub.add_parser("package", help="compile a transformers model directory with a PEFT adapter into an "
+                                         "AOTInductor package (.pt2) that runs without lora_fx")
+    pkg.add_argument("--base", required=True, help="transformers model directory")
+    pkg.add_argument("--adapter", required=True, help="PEFT adapter directory (adapter_config.json + safetensors)")
+    pkg.add_argument("--out", required=True, help="the .pt2 file to write")
+    pkg.add_argument("--unmerged", action="store_true", help="keep the LoRA branches (adapters swappable later)")
+    pkg.add_argument("--force", action="store_true", help="replace an existing --out")
+    pkg.add_argument("--no-progress", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo(DemoConfig(steps=args.steps, out=args.out, seed=args.seed), progress=not args.no_progress)
@@ -42,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(report)
         print(f"merged model saved to {args.out}/")
+    elif args.command == "package":
+        try:
+            package_model_dir(args.base, args.adapter, args.out, unmerged=args.unmerged, force=args.force,
+                              progress=not args.no_progress)
+        except LoraFxError as e:
+            print(f"lora-fx package: {e}", file=sys.stderr)
+            return 2
+        print(f"package saved to {args.out} (torch._inductor.aoti_load_package to run it)")
     return 0
 
 

@@ -35,17 +35,9 @@ _MODEL_FILES = ("config.json", "generation_config.json")
 def merge_model_dir(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
                     force: bool = False, progress: bool = True) -> RewriteReport:
     """Merge ``adapter`` into the model in ``base`` and save the result to ``out``; returns the report."""
-    import transformers
-
     base, out = Path(base), check_out(Path(out), Path(base), Path(adapter), force)
-    if not (base / "config.json").is_file():
-        raise CheckpointError(f"{base / 'config.json'} not found: --base must be a transformers model directory.")
-    config = transformers.AutoConfig.from_pretrained(base)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    model_cls = getattr(transformers, arch, None) if arch else None
-    model = (model_cls or transformers.AutoModel).from_pretrained(base, dtype="auto").eval()
-    ids = torch.zeros((1, 8), dtype=torch.long)
-    lm = from_peft(model, adapter, example_inputs=(ids,))
+    model = load_model_dir(base)
+    lm = from_peft(model, adapter, example_inputs=(EXAMPLE_IDS,))
     keys = {u.key for _, u in lm.adapters.iter_units()}
     with tqdm(total=len(keys), desc="merging", disable=not progress, ncols=80) as bar:
         lm.merge(safe=True, keep_original=False, progress=lambda key: bar.update(1))
@@ -61,6 +53,21 @@ def merge_model_dir(base: str | os.PathLike, adapter: str | os.PathLike, out: st
                 shutil.copy2(extra, tmp / extra.name)
     replace_dir(out, build)
     return report
+
+
+EXAMPLE_IDS = torch.zeros((1, 8), dtype=torch.long)  # what the command line captures with (dimensions are dynamic)
+
+
+def load_model_dir(base: Path) -> torch.nn.Module:
+    """The transformers model saved in ``base`` (its own architecture class), in eval mode."""
+    import transformers
+
+    if not (base / "config.json").is_file():
+        raise CheckpointError(f"{base / 'config.json'} not found: --base must be a transformers model directory.")
+    config = transformers.AutoConfig.from_pretrained(base)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    model_cls = getattr(transformers, arch, None) if arch else None
+    return (model_cls or transformers.AutoModel).from_pretrained(base, dtype="auto").eval()
 
 
 def check_out(out: Path, base: Path, adapter: Path, force: bool) -> Path:

@@ -1,0 +1,138 @@
+"""AOTInductor packages: a merged graph and an unmerged LoraModel packaged once each (module-scoped: each build
+takes ~15 s), run in a fresh process that never imports lora_fx, adapters swapped into a loaded package without
+compiling, and a killed packaging that leaves no file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from zoo import ZOO
+
+import lora_fx
+from lora_fx import AdapterError, CheckpointError, Rule
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def _lm(seed: int = 0, r: int = 4, alpha: float = 8):
+    c = ZOO["llama"]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return lora_fx.lorafy(c.build(), Rule(TARGETS, r=r, alpha=alpha, init=False), **c.lorafy_kwargs()).eval()
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("packages")
+    ids = ZOO["llama"].inputs()[0]
+    lm = _lm()
+    lora_fx.package(lm, root / "unmerged.pt2", example_inputs=(ids,))
+    merged = _lm().merge_and_unload()
+    lora_fx.package(merged, root / "merged.pt2", example_inputs=(ids,))
+    return root, lm, merged
+
+
+def _fresh_process(path, ids: torch.Tensor) -> torch.Tensor:
+    """Run the package in a new interpreter that must not import lora_fx; returns its logits."""
+    torch.save(ids, path.parent / "ids.pt")
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.modules["lora_fx"] = None  # any import of lora_fx fails
+        import transformers.modeling_outputs  # the output class the program returns (a pytree node)
+        loaded = torch._inductor.aoti_load_package({str(path)!r})
+        out = loaded(torch.load({str(path.parent / 'ids.pt')!r}))
+        torch.save(out.logits, {str(path.parent / 'out.pt')!r})
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300)
+    return torch.load(path.parent / "out.pt")
+
+
+@pytest.mark.parametrize("which", ["merged", "unmerged"])
+def test_a_package_runs_without_lora_fx_with_dynamic_shapes(packages, which):
+    root, lm, merged = packages
+    other = ZOO["llama"].other_inputs_fn()[0]  # another batch size and length: dynamic dimensions
+    with torch.no_grad():
+        want = (merged if which == "merged" else lm)(other).logits
+    got = _fresh_process(root / f"{which}.pt2", other)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_swap_into_a_loaded_package_without_compiling(packages, tmp_path):
+    root, lm, _ = packages
+    ids = ZOO["llama"].inputs()[0]
+    loaded = torch._inductor.aoti_load_package(str(root / "unmerged.pt2"))
+    manifest = lora_fx.deploy.read_manifest(root / "unmerged.pt2")
+    assert {u["key"].rpartition(".")[2] for u in manifest["units"]} == set(TARGETS)
+    for seed, r, alpha in [(1, 4, 8), (2, 2, 16), (3, 4, 3)]:  # another rank (padded) and alpha (rescaled)
+        other = _lm(seed, r, alpha)
+        other.save_pretrained(tmp_path / str(seed))
+        lora_fx.swap_adapter(loaded, root / "unmerged.pt2", tmp_path / str(seed))
+        with torch.no_grad():
+            assert torch.allclose(loaded(ids).logits, other(ids).logits, rtol=1e-5, atol=1e-5)
+    lm.save_pretrained(tmp_path / "back")
+    lora_fx.swap_adapter(loaded, root / "unmerged.pt2", tmp_path / "back")
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, lm(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_swaps_that_do_not_fit_are_refused_before_anything_changes(packages, tmp_path):
+    root, lm, _ = packages
+    loaded = torch._inductor.aoti_load_package(str(root / "unmerged.pt2"))
+    _lm(1, r=8, alpha=8).save_pretrained(tmp_path / "big")
+    with pytest.raises(CheckpointError, match="rank at most 4"):
+        lora_fx.swap_adapter(loaded, root / "unmerged.pt2", tmp_path / "big")
+    c = ZOO["llama"]
+    wide = lora_fx.lorafy(c.build(), Rule(["q_proj", "o_proj"], r=4), **c.lorafy_kwargs())
+    wide.save_pretrained(tmp_path / "wide")
+    with pytest.raises(CheckpointError, match="no place in"):
+        lora_fx.swap_adapter(loaded, root / "unmerged.pt2", tmp_path / "wide")
+    with pytest.raises(AdapterError, match="no LoRA branches"):
+        lora_fx.swap_adapter(loaded, root / "merged.pt2", tmp_path / "big")
+    ids = c.inputs()[0]
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, lm(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_killed_packaging_leaves_no_file(tmp_path, monkeypatch):
+    def killed(program, package_path):
+        with open(package_path, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", killed)
+    with pytest.raises(KeyboardInterrupt):
+        lora_fx.package(_lm(), tmp_path / "m.pt2", example_inputs=(ZOO["llama"].inputs()[0],))
+    assert list(tmp_path.iterdir()) == []
+    lm = _lm()
+    lm.add_adapter("b", Rule(TARGETS, r=2))
+    lm.set_adapter(["default", "b"])
+    with pytest.raises(AdapterError, match="set_adapter\\(one\\)"):
+        lora_fx.package(lm, tmp_path / "two.pt2", example_inputs=(ZOO["llama"].inputs()[0],))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_packages_a_model_directory(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_fx.cli import main
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    lm = lora_fx.lorafy(LlamaForCausalLM.from_pretrained(tmp_path / "base").eval(), Rule(["q_proj"], r=2, init=False),
+                        example_inputs=(torch.zeros(1, 8, dtype=torch.long),))
+    lm.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "model.pt2"
+    args = ["package", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out", str(out)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "capture" in err and "merge" in err and "compile and write" in err
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        assert torch.allclose(torch._inductor.aoti_load_package(str(out))(ids).logits, lm(ids).logits, atol=1e-5)
+    assert main(args) == 2 and "exists" in capsys.readouterr().err  # no --force: refused, the file kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "model.pt2"]

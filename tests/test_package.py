@@ -136,3 +136,22 @@ def test_the_command_line_packages_a_model_directory(tmp_path, capsys):
         assert torch.allclose(torch._inductor.aoti_load_package(str(out))(ids).logits, lm(ids).logits, atol=1e-5)
     assert main(args) == 2 and "exists" in capsys.readouterr().err  # no --force: refused, the file kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "model.pt2"]
+
+
+def test_a_routed_package_serves_an_adapter_per_row(tmp_path):
+    lm = _lm()
+    lm.add_adapter("b", Rule(TARGETS, r=2, alpha=4, init=False))
+    lm.build_adapter_bank()
+    ids = ZOO["llama"].inputs()[0]
+    lora_fx.package(lm, tmp_path / "routed.pt2", example_inputs=(ids,))
+    loaded = torch._inductor.aoti_load_package(str(tmp_path / "routed.pt2"))
+    other = ZOO["llama"].other_inputs_fn()[0]
+    names = ["b", "__base__", "default"][: len(other)]
+    with torch.no_grad():
+        want = lm(other, adapter_names=names).logits
+        got = loaded(other, lora_route=lora_fx.deploy.route(tmp_path / "routed.pt2", names)).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(AdapterError, match="not in"):
+        lora_fx.deploy.route(tmp_path / "routed.pt2", ["c"])
+    with pytest.raises(AdapterError, match="routed package"):
+        lora_fx.swap_adapter(loaded, tmp_path / "routed.pt2", tmp_path)

@@ -3,6 +3,6 @@ directories (``merge_dir``, the ``lora-fx merge`` command), and AOTInductor pack
 adapters (``package``)."""
 
 from .compile import compile, export  # noqa: A004
-from .package import package, read_manifest, swap_adapter
+from .package import package, read_manifest, route, swap_adapter
 
-__all__ = ["compile", "export", "package", "swap_adapter", "read_manifest"]
+__all__ = ["compile", "export", "package", "swap_adapter", "read_manifest", "route"]

@@ -6,6 +6,9 @@ with no Python model code and no lora_fx, merged or with the LoRA branches kept 
   no partial ``.pt2``). A merged graph (``lm.merge_and_unload()``, or a LoraModel after ``merge()``) packages the
   plain model; an unmerged LoraModel keeps ``y = W x + s·B A x`` with each adapter's A and B as named package
   constants, and records in the archive (``lora_fx/adapters.json``) which constant holds which PEFT tensor.
+- a LoraModel with an adapter bank (``build_adapter_bank``) packages routed: every adapter's tensors stacked as
+  constants and the per-row adapter index an input, ``loaded(ids, lora_route=route(path, names))``, so one
+  package serves many adapters in one batch;
 - ``swap_adapter(loaded, path, adapter_dir)``: a PEFT adapter directory into a package loaded with
   ``torch._inductor.aoti_load_package(path)``, through its ``load_constants`` (no compilation): the same targets
   (a subset zeroes the others), any rank up to the packaged one (A and B padded with zeros), any alpha (the
@@ -24,8 +27,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -33,9 +38,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters.store import BASE
 from ..atomic import temp_write
 from ..capture import export_program
 from ..errors import AdapterError, CheckpointError
+from ..passes.derive import ROUTE_INPUT
 from ..peft.checkpoint import PREFIX, read_config, read_tensors
 from ..peft.config import ruleset_from_peft_config
 
@@ -47,12 +54,19 @@ def package(module: nn.Module, path: str | os.PathLike, example_inputs: tuple = 
     """An AOTInductor package of ``module`` (a merged graph, or a LoraModel: merged or not) at ``path``."""
     path = Path(path)
     lora = hasattr(module, "adapters")  # a LoraModel (an exported graph module has no train()/eval())
-    manifest = _manifest(module) if lora else None
+    routed = lora and module.state.bank is not None and module.state.merge is None
+    manifest = _routed_manifest(module) if routed else _manifest(module) if lora else None
+    target, kwargs = module, dict(example_kwargs or {})
+    if routed:  # its graph, with the per-row route as an input
+        target = module.graph_module
+        kwargs[ROUTE_INPUT] = module.state.bank.route(module.state.bank.slots[0], None).expand(
+            _rows(example_inputs, kwargs)).clone()
     was = module.training
     if lora:
         module.eval()  # a package serves: no dropout
     try:
-        program = export_program(module, tuple(example_inputs), example_kwargs or {})
+        with module.reading() if lora else contextlib.nullcontext(), _bank_as_constants():
+            program = export_program(target, tuple(example_inputs), kwargs)
     finally:
         if lora:
             module.train(was)
@@ -63,12 +77,47 @@ def package(module: nn.Module, path: str | os.PathLike, example_inputs: tuple = 
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(tmp: str) -> None:
-        torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+        with _bank_as_constants():
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
         if manifest is not None:
             with zipfile.ZipFile(tmp, "a") as archive:
                 archive.writestr(MANIFEST, json.dumps(manifest, indent=1))
     os.replace(temp_write(path, write), path)
     return path
+
+
+@contextlib.contextmanager
+def _bank_as_constants():
+    """An adapter bank's stacked tensors (buffers the units train through as views) become package constants, as
+    meant: torch's notes about their gradients are not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*requires gradient but it's not properly registered")
+        warnings.filterwarnings("ignore", message=".*a Tensor that is not a leaf Tensor is being accessed")
+        yield
+
+
+def _rows(args: tuple, kwargs: dict[str, Any]) -> int:
+    first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
+    if first is None:
+        raise AdapterError("package: a routed package needs a batched tensor among the example inputs.")
+    return first.shape[0]
+
+
+def _routed_manifest(lm: Any) -> dict[str, Any]:
+    """A routed package's slots: row ``i`` runs adapter ``slots[route[i]]`` (``len(slots)``: the base)."""
+    return {"routed": True, "route_input": ROUTE_INPUT, "slots": list(lm.state.bank.slots), "units": []}
+
+
+def route(path: str | os.PathLike, adapter_names: list[str]) -> torch.Tensor:
+    """The ``lora_route`` input of a routed package for one adapter name per row (``"__base__"``: none)."""
+    manifest = read_manifest(path)
+    if not manifest.get("routed"):
+        raise AdapterError(f"{path} is not a routed package; it runs its one adapter for every row.")
+    slots = manifest["slots"]
+    unknown = sorted({n for n in adapter_names if n not in slots and n != BASE})
+    if unknown:
+        raise AdapterError(f"adapter_names {unknown} are not in {path} (its adapters: {slots}, or {BASE!r}).")
+    return torch.tensor([len(slots) if n == BASE else slots.index(n) for n in adapter_names], dtype=torch.long)
 
 
 def _manifest(lm: Any) -> dict[str, Any] | None:
@@ -77,9 +126,6 @@ def _manifest(lm: Any) -> dict[str, Any] | None:
     state = lm.state
     if state.merge is not None or not state.active:
         return None
-    if state.bank is not None:
-        raise AdapterError("package: this model routes through an adapter bank; remove_adapter_bank() first (a "
-                           "package keeps the active adapter's own tensors), or merge() to package merged weights.")
     if len(state.active) > 1:
         raise AdapterError(f"package: adapters {list(state.active)} are active; set_adapter(one) first, or merge().")
     units = []
@@ -114,6 +160,9 @@ def swap_adapter(loaded: Any, path: str | os.PathLike, adapter_dir: str | os.Pat
     """Load the PEFT adapter in ``adapter_dir`` into ``loaded`` (``aoti_load_package(path)``) without compiling;
     see the module docstring. Everything is checked before the first constant is replaced."""
     manifest, directory = read_manifest(path), Path(adapter_dir)
+    if manifest.get("routed"):
+        raise AdapterError(f"{path} is a routed package (its adapters {manifest['slots']} stacked in a bank); "
+                           "swap_adapter replaces the adapter of an unmerged one-adapter package.")
     config, tensors = read_config(directory), read_tensors(directory)
     ruleset = ruleset_from_peft_config(config)
     known = {n for u in manifest["units"] for n in (u["a_name"], u["b_name"])}

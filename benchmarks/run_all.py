@@ -19,7 +19,8 @@ def main() -> int:
     for script, args in [("train_step.py", rounds), ("forward.py", rounds), ("memory.py", []),
                          ("compile_time.py", []), ("blocks.py", rounds), ("generate.py", rounds),
                          ("ecosystem.py", rounds), ("many_adapters.py", rounds),
-                         ("qlora.py", rounds), ("fused_loss.py", rounds), ("moe.py", rounds)]:
+                         ("qlora.py", rounds), ("fused_loss.py", rounds), ("moe.py", rounds),
+                         ("deploy.py", rounds)]:
         print(f"\n=== {script} ===", flush=True)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-W", "ignore", str(HERE / script), *args], check=True)

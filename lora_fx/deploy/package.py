@@ -80,8 +80,9 @@ def package(module: nn.Module, path: str | os.PathLike, example_inputs: tuple = 
         with _bank_as_constants():
             torch._inductor.aoti_compile_and_package(program, package_path=tmp)
         if manifest is not None:
-            with zipfile.ZipFile(tmp, "a") as archive:
-                archive.writestr(MANIFEST, json.dumps(manifest, indent=1))
+            with zipfile.ZipFile(tmp, "a") as archive:  # inside the archive's root folder, as the loader expects
+                root = archive.namelist()[0].split("/")[0]
+                archive.writestr(f"{root}/{MANIFEST}", json.dumps(manifest, indent=1))
     os.replace(temp_write(path, write), path)
     return path
 
@@ -147,7 +148,10 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The adapter map a ``package(..., unmerged LoraModel)`` wrote into the archive."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read(MANIFEST))
+            name = next((n for n in archive.namelist() if n.endswith(f"/{MANIFEST}") or n == MANIFEST), None)
+            if name is None:
+                raise KeyError(MANIFEST)
+            return json.loads(archive.read(name))
     except KeyError:
         raise AdapterError(f"{path} has no LoRA branches to swap (packaged merged, or not by lora_fx.package).") \
             from None

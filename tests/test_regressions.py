@@ -200,3 +200,44 @@ def test_bias_all_takes_parameters_named_bias_only(tmp_path):
     lm = lora_fx.from_peft(_bn_build(), tmp_path)
     names = set(lm.bias_parameters("default"))
     assert "base_model.model.pos_bias" not in names and "base_model.model.bn.bias" in names
+
+
+def test_an_encoder_decoder_is_captured_without_its_decoders_cache():
+    """T5's decoder keeps its own copy of the config: capture turns every config's use_cache off, so a call with
+    labels captures (no EncoderDecoderCache in the output) and gives the model's own loss."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    model = tf.T5ForConditionalGeneration(cfg).eval()
+    src, tgt = torch.randint(0, 96, (2, 7)), torch.randint(0, 96, (2, 5))
+    with torch.no_grad():
+        want = model(src, labels=tgt, use_cache=False).loss
+
+    def flags():
+        return [getattr(m.config, "use_cache", None) for m in model.modules() if hasattr(m, "config")]
+    before = flags()
+    lm = lora_fx.lorafy(model, ["q", "v"], example_inputs=(src,), example_kwargs={"labels": tgt})
+    with torch.no_grad():
+        assert torch.allclose(lm(src, labels=tgt).loss, want)
+    assert flags() == before and True in before  # put back as they were
+
+
+def test_generate_on_an_encoder_decoder_names_the_remedy():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0)
+    model = tf.T5ForConditionalGeneration(cfg).eval()
+    src, tgt = torch.randint(0, 96, (2, 7)), torch.randint(0, 96, (2, 5))
+    lm = lora_fx.lorafy(model, Rule(["q", "v"], init=False), example_inputs=(src,), example_kwargs={"labels": tgt})
+    with pytest.raises(lora_fx.AdapterError, match="encoder-decoder.*lm.merge"):
+        lm.generate(src, max_new_tokens=3)
+    with torch.no_grad():
+        adapted = lm(src, labels=tgt).logits
+        base = model(src, labels=tgt, use_cache=False).logits
+    assert not torch.allclose(adapted, base, atol=1e-4)
+    lm.merge()  # the remedy it names: the model's own forward (and so its generate) sees the adapter
+    with torch.no_grad():
+        assert torch.allclose(model(src, labels=tgt, use_cache=False).logits, adapted, atol=1e-5)
+        assert model.generate(src, max_new_tokens=3, do_sample=False).shape[0] == 2

@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from .names import child_name
 from .tokens import TokenDelta, Tokens
 from .unit import LoraUnit
 
@@ -155,13 +155,3 @@ def adapter_dtype(base: torch.dtype, autocast: bool) -> torch.dtype:
     return torch.float32 if autocast and base in (torch.float16, torch.bfloat16) else base
 
 
-def child_name(key: str, taken: set[str], owner: type) -> str:
-    """``key`` as a unique child name (``model.layers.0.q`` -> ``model_layers_0_q``)."""
-    base = re.sub(r"\W", "_", key) or "unit"
-    if base[0].isdigit() or hasattr(owner, base):
-        base = "m_" + base
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name

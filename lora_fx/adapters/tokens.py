@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from .names import child_name
+
 PEFT_SUFFIX = "token_adapter.trainable_tokens_delta"
 
 
@@ -44,7 +46,6 @@ class Tokens(nn.Module):
 
     def __init__(self, deltas: Mapping[str, TokenDelta]) -> None:
         super().__init__()
-        from .store import child_name
 
         self.paths: dict[str, str] = {}
         taken: set[str] = set()

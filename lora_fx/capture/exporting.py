@@ -96,16 +96,20 @@ def _auto_dims(value: Any) -> Any:
 
 @contextlib.contextmanager
 def no_kv_cache(model: nn.Module, kwargs: dict[str, Any]):
-    """Hugging Face models return a KV-cache object export cannot flatten; capture without it."""
-    config = getattr(model, "config", None)
-    if config is None or "use_cache" in kwargs or not getattr(config, "use_cache", False):
+    """Hugging Face models return a KV-cache object export cannot flatten; capture without it (every config the
+    model holds: an encoder-decoder's decoder keeps a copy of its own)."""
+    if "use_cache" in kwargs:
         yield
         return
-    config.use_cache = False
+    configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", False)
+               is True}
+    for c in configs.values():
+        c.use_cache = False
     try:
         yield
     finally:
-        config.use_cache = True
+        for c in configs.values():
+            c.use_cache = True
 
 
 def share_parameters(gm: torch.fx.GraphModule, model: nn.Module) -> None:

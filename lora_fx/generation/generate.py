@@ -68,6 +68,10 @@ def check_causal_lm(lm) -> nn.Module:
         raise AdapterError("generate does not run on a LoraModel sharded with FSDP2; save the adapter and generate "
                            "from an unsharded model (lora_fx.from_peft).")
     can = getattr(model, "can_generate", None)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise AdapterError(f"lm.generate runs decoder-only causal LMs; {type(model).__name__} is an encoder-decoder. "
+                           "Merge the adapter (lm.merge(): the weights are written back to the model) and call the "
+                           "model's own generate, which then sees it; lm.unmerge() afterwards restores W.")
     if lm.state.captured.method != "export" or not callable(can) or not can():
         raise AdapterError(f"generate needs a Hugging Face causal language model captured with example inputs; "
                            f"{type(model).__name__} is not one (its own forward is what lm(...) runs).")

@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -27,7 +27,7 @@ from ..adapters.store import AdapterStore
 from ..bank.bank import own_storage, plan_bank
 from ..capture import Captured
 from ..capture.blocks import Block, code_of
-from ..errors import AdapterError, LoraFxError, MergeError
+from ..errors import AdapterError, MergeError
 from ..passes import build, install
 from ..passes.fold import HOLDER
 from ..peft.compat import PeftCompatMixin
@@ -36,7 +36,8 @@ from ..targets import Target
 from .calls import CallsMixin
 from .checkpoints import CheckpointMixin
 from .combine import plan_weighted
-from .graphs import Entry, GraphCache
+from .dtypes import DtypeMixin
+from .graphs import DerivedGraphsMixin, Entry, GraphCache
 from .report import ReportMixin
 from .state import LoraState, Options
 from .transaction import StateLock, Transaction
@@ -44,7 +45,8 @@ from .unloaded import serve_like
 from .verbs import Change, copies, links, plan_add, plan_delete, plan_merge, plan_set, plan_unmerge, restack
 
 
-class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Module):
+class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, DtypeMixin, DerivedGraphsMixin, PeftCompatMixin,
+                nn.Module):
     """A captured model with LoRA branches as graph rewrites. Call it as you would call the model."""
 
     def __init__(self, captured: Captured, *, fuse: bool = True, fused_loss: bool = False,
@@ -133,41 +135,6 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
             self.graph_module.train(mode)
         return self
 
-    def to(self, *args: Any, **kwargs: Any) -> LoraModel:
-        """``nn.Module.to``; a floating dtype other than the base weights' on a model captured by torch.export is
-        refused (see ``_check_recast``)."""
-        self._check_recast(torch._C._nn._parse_to(*args, **kwargs)[1])
-        return super().to(*args, **kwargs)
-
-    def half(self) -> LoraModel:
-        self._check_recast(torch.float16)
-        return super().half()
-
-    def bfloat16(self) -> LoraModel:
-        self._check_recast(torch.bfloat16)
-        return super().bfloat16()
-
-    def float(self) -> LoraModel:
-        self._check_recast(torch.float32)
-        return super().float()
-
-    def double(self) -> LoraModel:
-        self._check_recast(torch.float64)
-        return super().double()
-
-    def _check_recast(self, dtype: torch.dtype | None) -> None:
-        """torch.export fixes a graph's dtypes (its casts and its checks on buffers), so an exported model cast to
-        another floating dtype would compute in a mix of both: refused before anything is cast."""
-        cap = self._state.captured
-        if dtype is None or not dtype.is_floating_point or cap.method != "export":
-            return
-        base = {p.dtype for p in cap.source.parameters() if p.is_floating_point()}
-        if base and base != {dtype}:
-            raise AdapterError(f"to({dtype}): this model was captured by torch.export in {sorted(map(str, base))}, "
-                               "and an exported graph keeps the dtypes it was captured with. Cast the model before "
-                               f"lorafy (lorafy(model.to({dtype}), ...)), or save_pretrained and from_peft the "
-                               "adapter onto a model in that dtype. Nothing was cast.")
-
     def _apply(self, fn, recurse: bool = True):
         out = super()._apply(fn, recurse)
         if getattr(self, "_ready", False) and hasattr(self.graph_module, self._state.store_name):
@@ -214,46 +181,6 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
         for p in self.graph_module.parameters():
             tx.requires_grad(p, id(p) in trains)
 
-    def derived(self, key: Hashable, capture: Callable[[], Captured | tuple[Captured, ...]], *, prefix: str = "",
-                strip: str = "") -> Entry:
-        """The capture(s) stored under ``key`` (made by ``capture()`` the first time), derived for the committed
-        state: the seam through which other call signatures and generation get their graphs. ``prefix`` / ``strip``:
-        where the model sits in those captures / where their root sits in the model."""
-        entry = self._graphs.get(key)
-        if entry is None:
-            failed = self._graphs.failure(key)
-            if failed is not None:  # a call that cannot be captured is not captured again on every call
-                raise type(failed)(f"{failed} (as on the first attempt for this call; not captured again)")
-            try:
-                caps = capture()
-            except LoraFxError as e:
-                self._graphs.fail(key, e)
-                raise
-            entry, evicted = self._graphs.put(key, Entry(caps if isinstance(caps, tuple) else (caps,), key, prefix,
-                                                         strip))
-            self._retire(evicted)
-        return self.update_entry(entry)
-
-    def _retire(self, entries: list[Entry]) -> None:
-        """Drop evicted entries' block programs; a call still holding one derives it again before it runs."""
-        if not entries or self._lock.holds_read():  # (inside a call: other calls may run them; dropped later)
-            return
-        with self._lock.write():
-            for entry in entries:
-                entry.version = -1
-                for cap in entry.caps:
-                    key = getattr(cap, "program_key", "")
-                    for block in (cap.blocks or {}).values() if key else ():
-                        if isinstance(block, Block):
-                            block.set_program(None, key)
-
-    def update_entry(self, entry: Entry) -> Entry:
-        """Derive ``entry``'s captures again if a verb committed since they were derived."""
-        if entry.version != self._state.derived:
-            with self._lock.write():
-                self._derive_entry(entry)
-        return entry
-
     def run_state(self, entry: Entry | None, fn: Callable[[], Any]) -> Any:
         """``fn()`` while no verb commits, with ``entry`` (None: the training graph) derived for the committed state:
         the seam every call of a graph goes through."""
@@ -268,48 +195,9 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, PeftCompatMixin, nn.Mo
                 reading.enter_context(self._lock.read())  # held past the write: no commit in between
             return fn()
 
-    def _derive_entry(self, entry: Entry) -> None:
-        state = self._state
-        if entry.version == state.derived:
-            return
-        plan = state.plan(prefix=entry.prefix, strip=entry.strip)
-        derived = [build(cap, plan) for cap in entry.caps]
-        attach = {state.store_name: state.store}
-        if hasattr(self.graph_module, HOLDER):
-            attach[HOLDER] = getattr(self.graph_module, HOLDER)
-        with Transaction() as tx:
-            for d in derived:
-                install(d, tx, attach)
-            tx.setattr(entry, "extra", {})
-            tx.setattr(entry, "records", [r for d in derived for r in d.records])
-            tx.setattr(entry, "version", state.derived)
-
     def reading(self) -> Any:
         """A context in which no verb commits (calls hold it while they run graphs of one state version)."""
         return self._lock.read()
-
-    @property
-    def derived_graphs(self) -> dict[Hashable, tuple[Captured, ...]]:
-        """The captures besides the training graph's, by key (other call signatures, generation sizes)."""
-        return {k: self._graphs.get(k).caps for k in self._graphs.keys()}
-
-    @property
-    def graph_cache_size(self) -> int:
-        """How many derived graph sets (other call signatures, generation sizes) are kept, least recently used
-        evicted first (default 32, or ``LORA_FX_GRAPH_CACHE``)."""
-        return self._graphs.capacity
-
-    @graph_cache_size.setter
-    def graph_cache_size(self, size: int) -> None:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise AdapterError(f"graph_cache_size={size!r}: use a positive integer.")
-        self._graphs.capacity = size
-        while len(self._graphs) > size:
-            self._retire(self._graphs.evict_oldest())
-
-    def forget_graphs(self) -> None:
-        """Drop every derived graph besides the training graph (they are captured again on demand)."""
-        self._retire(self._graphs.clear())
 
     def configure(self, **options: Any) -> None:
         """Change options (``compile_options``, ``sharded``) as a verb; the graphs do not change."""

@@ -117,20 +117,24 @@ def test_training_moves_only_adapters_and_lowers_the_loss():
     assert {id(p) for p in lm.parameters() if p.requires_grad} == {id(p) for p in lm.adapters.parameters()}
 
 
-def test_compiled_expert_branch_has_no_graph_break():
+def test_compiled_expert_branch_has_no_graph_break_and_trains():
     from torch._dynamo.utils import counters
 
     ids = _ids()
     lm = lora_fx.lorafy(hf_moe("qwen3_moe"), Rule(EXPERT_PARAMS, r=4, kinds="param", init=False),
                         example_inputs=(ids,))
-    with torch.no_grad():
-        want = lm(ids).logits
+    loss = lm(ids, labels=ids).loss
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in lm.adapters.named_parameters()}
+    lm.zero_grad()
     torch._dynamo.reset()
     counters.clear()
     compiled = lora_fx.compile(lm)
-    with torch.no_grad():
-        got = compiled(ids).logits
-    assert rel_err(got, want) < 1e-5
+    got = compiled(ids, labels=ids).loss
+    got.backward()
+    assert rel_err(got, loss) < 1e-5
+    for name, p in lm.adapters.named_parameters():
+        assert rel_err(p.grad, want[name]) < 1e-4, name
     assert sum(counters["graph_break"].values()) == 0
 
 
@@ -187,6 +191,8 @@ def test_expert_targets_need_the_param_kind_and_refuse_routing():
     lm.add_adapter("other", Rule("gate_up_proj", kinds="param"))
     with pytest.raises(AdapterError, match="target_parameters"):
         lm.build_adapter_bank()
+    with pytest.raises(AdapterError, match="target_parameters.*weighted combination"):
+        lm.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="cat")
     with pytest.raises(AdapterError, match="adapter_names|target_parameters"):
         lm(ids, adapter_names=["default", "other"])
 

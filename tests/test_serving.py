@@ -89,8 +89,8 @@ def test_generate_on_an_empty_batch_or_prompt_is_named():
 
 
 def test_default_compile_does_not_recompile_on_adapter_switches(tmp_path):
-    """``lora_fx.compile`` of an eval model compiles its graphs, not its Python; a second adapter is banked on the
-    first switch (one rebuild), then routes, set_adapter and hot swaps change tensors only: no new graph."""
+    """``lora_fx.compile`` of an eval model compiles its graphs, not its Python; a second adapter is banked as it
+    is added (one rebuild), then routes, set_adapter and hot swaps change tensors only: no new graph."""
     from torch._dynamo.utils import counters
 
     lm, c = _llama()
@@ -101,10 +101,10 @@ def test_default_compile_does_not_recompile_on_adapter_switches(tmp_path):
     assert lora_fx.compile(lm) is lm
     with torch.no_grad():
         lm(ids)
-        lm.add_adapter("b", Rule(["q_proj", "v_proj"], r=4, init=False))
-        lm.save_pretrained(tmp_path)
-        lm.set_adapter("b")  # banks both adapters: the graphs change once
+        lm.add_adapter("b", Rule(["q_proj", "v_proj"], r=4, init=False))  # banks both: the graphs change once
         assert lm.state.bank is not None
+        lm.save_pretrained(tmp_path)
+        lm.set_adapter("b")
         want = {"b": lm(ids).logits}
         lm.set_adapter("default")
         want["default"] = lm(ids).logits

@@ -248,3 +248,55 @@ def test_config_options_round_trip_with_peft(cfg, tmp_path):
     assert rel_err(run(back, c), ours) < 1e-6
     lm.merge()
     assert rel_err(run(lm, c), ours) < 1e-5
+
+
+def test_orthogonal_init_draws_peft_s_factors_and_leaves_outputs_unchanged():
+    import copy
+
+    model = ZOO["mlp"].build()
+    config = dict(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], init_lora_weights="orthogonal")
+    torch.manual_seed(3)
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(**config))
+    torch.manual_seed(3)
+    lm = lora_fx.lorafy(copy.deepcopy(model), LoraConfig(**config))
+    for key in ("fc1", "fc2"):
+        layer = pm.base_model.model.get_submodule(key)
+        assert torch.equal(lm.unit(key).lora_A, layer.lora_A["default"].weight)
+        assert torch.equal(lm.unit(key).lora_B, layer.lora_B["default"].weight)
+        assert lm.unit(key).lora_B.abs().sum() > 0
+    x = ZOO["mlp"].inputs()[0]
+    with torch.no_grad():
+        assert torch.allclose(lm(x), model(x), atol=1e-6)
+    with pytest.raises(lora_fx.RuleError, match="even rank"):
+        lora_fx.lorafy(ZOO["mlp"].build(), Rule("fc1", r=3, init="orthogonal"))
+    with pytest.raises(lora_fx.RuleError, match="linear layers"):
+        lora_fx.lorafy(ZOO["cnn"].build(), Rule("c1", r=2, init="orthogonal"))
+
+
+def test_mica_freezes_b_from_the_minor_singular_vectors_as_peft_does(tmp_path):
+    import copy
+
+    model = ZOO["mlp"].build()
+    config = dict(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], init_lora_weights="mica")
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(**config))
+    lm = lora_fx.lorafy(copy.deepcopy(model), LoraConfig(**config))
+    assert sorted(n for n, p in pm.named_parameters() if p.requires_grad) == [
+        "base_model.model.fc1.lora_A.default.weight", "base_model.model.fc2.lora_A.default.weight"]
+    assert {id(p) for p in lm.trainable_parameters()} == {id(lm.unit(k).lora_A) for k in ("fc1", "fc2")}
+    x = ZOO["mlp"].inputs()[0]
+    for m in (pm, lm):  # one identical SGD step on each
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+        m(x).square().mean().backward()
+        opt.step()
+    for key in ("fc1", "fc2"):
+        layer = pm.base_model.model.get_submodule(key)
+        assert torch.allclose(lm.unit(key).lora_B, layer.lora_B["default"].weight, atol=1e-6)
+        assert rel_err(lm.unit(key).lora_A, layer.lora_A["default"].weight) < 1e-5
+    with torch.no_grad():
+        assert rel_err(lm(x), pm(x)) < 1e-5
+    lm.save_pretrained(tmp_path)
+    back = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path)
+    with torch.no_grad():
+        assert rel_err(back(x), lm(x)) < 1e-5
+    with pytest.raises(lora_fx.RuleError, match="r <= min"):
+        lora_fx.lorafy(ZOO["mlp"].build(), Rule("fc2", r=64, init="mica"))

@@ -20,13 +20,21 @@ from torch import nn
 from ..errors import RuleError
 from ..kinds import Kind
 from ..variants import Variant, resolve
-from ..variants.inits import check_target, random_part
+from ..variants.inits import check_target, orthogonal_init, random_part
 
 
 def device_memory(device: torch.device) -> int:
-    """Bytes of memory ``device`` has in all (an upper bound for one allocation)."""
+    """Bytes of memory ``device`` can still give (free GPU memory; the host's MemAvailable, else its total): what
+    one allocation may take at most."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[1]
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -42,7 +50,7 @@ class LoraUnit(nn.Module):
         variant = variant if variant is not None else resolve(rule)
         strategy.check(key, geometry, rule.r)
         variant.check(key, strategy, geometry, rule.r)
-        check_target(rule.init, key, strategy, geometry)
+        check_target(rule.init, key, strategy, geometry, rule.r)
         self.key, self.strategy, self.geometry, self.variant = key, strategy, geometry, variant
         self.peft_key = key  # the module name PEFT's files use (a parameter target's: ``peft.parameter_keys``)
         self.r, self.alpha, self.use_rslora, self.init = rule.r, rule.alpha, rule.use_rslora, rule.init
@@ -50,8 +58,8 @@ class LoraUnit(nn.Module):
         need = (math.prod(shape_a) + math.prod(shape_b)) * torch.empty((), dtype=dtype).element_size()
         if need > device_memory(device):  # an absurd r (a config's typo) is refused before the allocator is asked
             raise RuleError(f"Rule {rule.label}: r={rule.r} on {key!r} needs A {tuple(shape_a)} and B "
-                            f"{tuple(shape_b)}: {need / 2**30:.1f} GiB, more than this {device.type} device has; use "
-                            "a smaller r (or rank_pattern for this key).")
+                            f"{tuple(shape_b)}: {need / 2**30:.1f} GiB, more than this {device.type} device has "
+                            "free; use a smaller r (or rank_pattern for this key).")
         try:
             self.lora_A = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
             self.lora_B = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=device))
@@ -79,6 +87,8 @@ class LoraUnit(nn.Module):
     def reset_parameters(self) -> None:
         """PEFT's random init for this kind (an init from W draws only what PEFT draws; ``variants.inits``)."""
         self.strategy.reset(self, random_part(self.init))
+        if self.init == "orthogonal":
+            orthogonal_init(self)
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``s · ΔW`` in ``dtype``, in the base weight's layout and shape."""

@@ -147,8 +147,8 @@ def _check_size(keys: Mapping[str, list], rank: int, slots: int, asked: Any) -> 
         device = unit.lora_A.device
     if device is not None and need > device_memory(device):
         raise AdapterError(f"max_rank={asked!r}: the bank would stack {slots} slots of rank {rank} on "
-                           f"{len(keys)} targets, {need / 2**30:.1f} GiB, more than this {device.type} device has; "
-                           "use a max_rank near the adapters' ranks.")
+                           f"{len(keys)} targets, {need / 2**30:.1f} GiB, more than this {device.type} device has "
+                           "free; use a max_rank near the adapters' ranks.")
 
 
 def plan_bank(entries: Mapping[str, Any], max_rank: int | None = None,

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,9 @@ def compile(module: nn.Module, *, regional: bool | None = None, **torch_compile_
 def _bank_for_serving(lm: Any) -> None:
     """A LoraModel with several adapters gets an adapter bank, so switching between them (``set_adapter``, a route
     per row, a hot swap) changes tensors, not graphs (a bank's refusal leaves the model as it is)."""
-    from ..bank.bank import bank_refusal
+    from ..model.verbs import serving_bank
 
-    state = lm.state
-    if (len(state.names) > 1 and state.bank is None and state.merge is None and not state.options.sharded
-            and bank_refusal(state.entries) is None):
+    if serving_bank(replace(lm.state, options=replace(lm.state.options, graph_compile={}))):
         lm.build_adapter_bank()
 
 

@@ -55,9 +55,9 @@ class ParamKind(Kind):
     supports_dora = False
 
     def refusal(self, geometry, operation):
-        if operation.startswith(("routing", "combining")):
-            return f"LoRA on a parameter (PEFT's target_parameters) does not support {operation}; use set_adapter"
-        return None
+        if operation == "merging":
+            return None  # routing, hot swaps and weighted combinations are refused
+        return f"LoRA on a parameter (PEFT's target_parameters) does not support {operation}; use set_adapter"
 
     def shapes(self, geometry: ParamGeometry, r: int):
         return (r * geometry.experts, geometry.in_features), (geometry.out_features, r * geometry.experts)

@@ -152,5 +152,6 @@ class LoraState:
             if name in self.frozen:
                 continue
             entry: nn.Module = self.entries[name]
-            out.update(id(p) for p in entry.parameters())
+            fixed = {id(getattr(u, t)) for u in entry.by_key.values() for t in u.variant.frozen}
+            out.update(id(p) for p in entry.parameters() if id(p) not in fixed)
         return out

@@ -174,7 +174,19 @@ def with_entry(state: LoraState, name: str, entry: AdapterEntry, residuals: list
                      frozen=state.frozen | {name} if frozen else state.frozen - {name})
     check_active(new, list(active))
     change = Change(new, [copies(residuals)] if residuals else [])
+    if serving_bank(new):  # a compiled model banks its adapters now: switching to the new one rebuilds nothing
+        bank, pairs = plan_bank(new.entries, None, active[0] if len(active) == 1 else None)
+        change.state = new.next(bank=bank)
+        change.effects.append(links(pairs))
+        return change
     return restack(change)
+
+
+def serving_bank(state: LoraState) -> bool:
+    """Whether a model compiled whole (``lora_fx.compile``) should bank its adapters: several, none merged, all
+    bankable, no bank yet."""
+    return (state.bank is None and state.options.graph_compile is not None and state.merge is None
+            and len(state.entries) > 1 and not state.options.sharded and bank_refusal(state.entries) is None)
 
 
 def plan_add(state: LoraState, name: str, rules: RuleLike, autocast: bool = True) -> Change:
@@ -198,8 +210,7 @@ def plan_set(state: LoraState, names: str | Iterable[str]) -> Change:
     if state.merge is not None and names != list(state.active):
         raise MergeError(f"Adapters {state.merged} are merged into the weights; unmerge() before set_adapter.")
     new = state.next(active=names)
-    if state.bank is None and state.options.graph_compile is not None and state.merge is None and (
-            len(state.entries) > 1 and not state.options.sharded and bank_refusal(state.entries) is None):
+    if serving_bank(state):
         default = names[0] if len(names) == 1 else None  # a compiled model banks its adapters: later switches
         bank, pairs = plan_bank(state.entries, None, default)  # recompile nothing
         return Change(state.next(active=names, bank=bank), [links(pairs)])

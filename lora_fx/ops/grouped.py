@@ -77,7 +77,7 @@ class _GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _backward(ctx, grad)
+        return _backward(ctx, grad, opaque=False)
 
 
 @torch.library.custom_op("lora_fx::grouped_mm", mutates_args=())
@@ -96,12 +96,27 @@ def _setup(ctx, inputs, output):
     ctx.experts = w.shape[0]
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, opaque: bool = True):
+    """``dx = grad wᵀ`` per group, ``dw[e] = x_eᵀ grad_e``; ``opaque``: as custom ops (the compiled backward:
+    inductor lowers only bf16 grouped products), else run directly (eager)."""
     x, w, offsets = ctx.saved_tensors
     grad = grad.contiguous()
-    dx = grouped_mm(grad, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
-    dw = _weight_grad(x, grad, offsets, ctx.experts) if ctx.needs_input_grad[1] else None
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = (grouped_mm_op if opaque else _grouped)(grad, w.transpose(1, 2), offsets)
+    if ctx.needs_input_grad[1]:
+        dw = (weight_grad_op if opaque else _weight_grad)(x, grad, offsets, ctx.experts)
     return dx, dw, None
+
+
+@torch.library.custom_op("lora_fx::grouped_mm_weight_grad", mutates_args=())
+def weight_grad_op(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, experts: int) -> torch.Tensor:
+    return _weight_grad(x, grad, offsets, experts)
+
+
+@weight_grad_op.register_fake
+def _(x, grad, offsets, experts):
+    return x.new_empty(experts, x.shape[1], grad.shape[1])
 
 
 grouped_mm_op.register_autograd(_backward, setup_context=_setup)

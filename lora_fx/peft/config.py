@@ -53,8 +53,8 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
     init = c.get("init_lora_weights", True)
     if init == "default" or not inits.is_init(init):  # named first: PEFT fills e.g. eva_config from it
         raise RuleError(
-            f"LoraConfig.init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
-            "'pissa_niter_<K>' or 'olora'."
+            f"LoraConfig.init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'orthogonal', "
+            "'mica', 'pissa', 'pissa_niter_<K>' or 'olora'."
         )
     for name in _UNSUPPORTED_WHEN_SET:
         if c.get(name) not in (None, [], {}, ""):
@@ -283,7 +283,7 @@ def config_for_units(units: list, fan_in_fan_out: bool, base_model: str | None, 
 
 def _init_for_peft(units: list) -> bool | str:
     """Inits from W keep their scheme, so PEFT re-derives the residual base when loading them."""
-    schemes = {u.init for u in units if inits.is_weight_init(u.init)}
+    schemes = {u.init for u in units if inits.is_weight_init(u.init) or u.init == "mica"}
     if len(schemes) > 1 or (schemes and len(schemes) != len({u.init for u in units})):
         raise CheckpointError(f"PEFT cannot express an adapter that mixes inits {sorted(map(str, schemes))} with "
                               "others; save them as separate adapters.")

@@ -19,6 +19,7 @@ from typing import Any
 from .base import PLAIN, Variant
 from .biased import BIASED, Biased
 from .dora import DORA, DoRA
+from .mica import MICA, MiCA
 from .sliced import Sliced
 
 # PEFT's LoraConfig field that selects each variant (a variant not listed has none: plain LoRA, slices)
@@ -30,6 +31,8 @@ for _cls, _field in PEFT_FIELDS.items():
 
 def resolve(rule: Any) -> Variant:
     """The variant a (validated) rule asks for."""
+    if rule.init == "mica":
+        return MICA
     if rule.use_dora:
         return DORA
     if rule.lora_bias:
@@ -58,5 +61,6 @@ def mixed(variants: Iterable[Variant]) -> list[str]:
             if len({type(v) is cls for v in variants}) > 1]
 
 
-__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "Sliced", "resolve", "peft_fields", "rule_fields", "mixed",
+__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "Sliced", "resolve", "peft_fields", "rule_fields",
+           "mixed",
            "PEFT_FIELDS"]

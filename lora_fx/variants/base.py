@@ -40,6 +40,7 @@ class Variant:
     combinable = True  # add_weighted_adapter may combine it
     stacks = True  # it merges into W together with other adapters on the same key
     casts_output = True  # its branch output is cast back to the base dtype by the insert pass
+    frozen: tuple[str, ...] = ()  # unit tensors that never train (MiCA's B)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

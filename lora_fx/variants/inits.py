@@ -3,6 +3,10 @@ A and B from the base weight (PiSSA and OLoRA), as PEFT computes them.
 
 - ``True`` / ``"default"``: A kaiming-uniform, B zero (a conv/linear; an embedding: A zero, B normal);
 - ``"gaussian"``: A ~ N(0, 1/r), B zero; ``False``: A and B both random (the layer changes at once);
+- ``"mica"``: B from W's minor singular vectors, A zero, B frozen: the MiCA variant (``variants.mica``);
+- ``"orthogonal"`` (linear, even r): with Q from the QR of an ``r x r`` normal matrix, ``A = (G_in Q_odd)ᵀ / 10`` and
+  ``B = G_outᵀ Q_even / 10`` (``G`` normal draws): both nonzero, yet ``B A = 0`` since Q's even and odd rows are
+  orthogonal;
 - PiSSA: ``W = U S Vᵀ``; with ``S_r`` the top r singular values divided by ``s``, ``A = √S_r V_rᵀ``,
   ``B = U_r √S_r`` and the base keeps the residual ``W_res = W - s·B A`` (``"pissa_niter_K"``: the same from a
   randomized ``svd_lowrank`` with K iterations);
@@ -27,7 +31,7 @@ from ..errors import RuleError
 if TYPE_CHECKING:
     from ..adapters.unit import LoraUnit
 
-RANDOM_INITS = (True, False, "default", "gaussian")
+RANDOM_INITS = (True, False, "default", "gaussian", "orthogonal", "mica")
 WEIGHT_INITS = ("pissa", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 NAMES = (*RANDOM_INITS, *WEIGHT_INITS, "pissa_niter_<K>")
@@ -43,12 +47,30 @@ def is_init(init: object) -> bool:
 
 
 def random_part(init: bool | str) -> bool | str:
-    """What the kind's random init draws for ``init``: a weight init keeps the first draw only (PEFT's order)."""
-    return False if is_weight_init(init) else init
+    """What the kind's random init draws for ``init``: a weight init or the orthogonal one keeps the first draw only
+    (PEFT's order: the layers' own init, then the scheme's)."""
+    return False if is_weight_init(init) or init in ("orthogonal", "mica") else init
 
 
-def check_target(init: bool | str, key: str, kind: Any, geometry: Any) -> None:
+@torch.no_grad()
+def orthogonal_init(unit: LoraUnit) -> None:
+    """PEFT's ``orthogonal`` init (see the module docstring), with its draws in its order (CPU, float32)."""
+    r = unit.r
+    q, _ = torch.linalg.qr(torch.randn(r, r))
+    a = torch.randn(unit.geometry.in_features, r // 2).mm(q[0::2, :]).T / 10.0
+    b = torch.randn(r // 2, unit.geometry.out_features).T.mm(q[1::2, :]) / 10.0
+    unit.lora_A.copy_(a)
+    unit.lora_B.copy_(b)
+
+
+def check_target(init: bool | str, key: str, kind: Any, geometry: Any, r: int = 2) -> None:
     """Refuse an init this target cannot take (RuleError naming the key)."""
+    if init == "orthogonal" and kind.name != "linear":
+        raise RuleError(f"init='orthogonal' on {key!r}: PEFT defines it for linear layers (this is a {kind.name}); "
+                        "use init='default' for it.")
+    if init == "orthogonal" and r % 2:
+        raise RuleError(f"init='orthogonal' on {key!r} needs an even rank (it splits an r x r orthogonal matrix in "
+                        f"two), got r={r}.")
     if not is_weight_init(init):
         return
     if not kind.supports_weight_init:

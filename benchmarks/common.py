@@ -92,6 +92,22 @@ def interleaved(variants: dict[str, Callable[[], object]], rounds: int, device: 
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def interleaved_times(variants: dict[str, Callable[[], object]], rounds: int,
+                      warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of every call of each variant over ``rounds`` interleaved rounds (after ``warmup`` calls): for
+    medians and the range over rounds."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def machine() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

@@ -17,22 +17,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import PROJECTIONS, llama, rel_err, report, setting
+from common import PROJECTIONS, interleaved_times, llama, rel_err, report, setting
 
 import lora_fx
 from lora_fx import Rule
-
-
-def timed(fns: dict, rounds: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        fn(), fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def main() -> None:
@@ -70,7 +58,7 @@ def main() -> None:
             for name, fn in fns.items():
                 err = rel_err(fn().logits, eager[shape])
                 assert err < 1e-5, (name, shape, err)
-            times = timed(fns, args.rounds)
+            times = interleaved_times(fns, args.rounds)
         ref = statistics.median(times["compiled merged"])
         for name, ts in times.items():
             med = statistics.median(ts)

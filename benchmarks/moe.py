@@ -17,10 +17,9 @@ import argparse
 import copy
 import statistics
 import tempfile
-import time
 
 import torch
-from common import report, steady_malloc
+from common import interleaved_times, report, steady_malloc
 from fused_loss import step_peak_mib
 from peft import LoraConfig, get_peft_model
 
@@ -61,18 +60,6 @@ def forward(model, ids):
     return run
 
 
-def timed(fns: dict, rounds: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        fn(), fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def one_size(experts: int, rounds: int) -> list[dict]:
     base = qwen3_moe(experts)
     ids = torch.randint(0, 4096, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
@@ -103,7 +90,7 @@ def one_size(experts: int, rounds: int) -> list[dict]:
            "lora_fx forward": forward(lm, ids)}
     peft.train()
     lm.train()
-    times = timed({**steps, **fwd}, rounds)
+    times = interleaved_times({**steps, **fwd}, rounds)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     rows = []
     for name, ts in times.items():

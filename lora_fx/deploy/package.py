@@ -42,6 +42,7 @@ from ..adapters.store import BASE
 from ..atomic import temp_write
 from ..capture import export_program
 from ..errors import AdapterError, CheckpointError
+from ..model.calls import batch_rows
 from ..passes.derive import ROUTE_INPUT
 from ..peft.checkpoint import PREFIX, read_config, read_tensors
 from ..peft.config import ruleset_from_peft_config
@@ -59,8 +60,10 @@ def package(module: nn.Module, path: str | os.PathLike, example_inputs: tuple = 
     target, kwargs = module, dict(example_kwargs or {})
     if routed:  # its graph, with the per-row route as an input
         target = module.graph_module
-        kwargs[ROUTE_INPUT] = module.state.bank.route(module.state.bank.slots[0], None).expand(
-            _rows(example_inputs, kwargs)).clone()
+        rows = batch_rows(tuple(example_inputs), kwargs)
+        if rows is None:
+            raise AdapterError("package: a routed package needs a batched tensor among the example inputs.")
+        kwargs[ROUTE_INPUT] = module.state.bank.route(module.state.bank.slots[0], None).expand(rows).clone()
     was = module.training
     if lora:
         module.eval()  # a package serves: no dropout
@@ -95,13 +98,6 @@ def _bank_as_constants():
         warnings.filterwarnings("ignore", message=".*requires gradient but it's not properly registered")
         warnings.filterwarnings("ignore", message=".*a Tensor that is not a leaf Tensor is being accessed")
         yield
-
-
-def _rows(args: tuple, kwargs: dict[str, Any]) -> int:
-    first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
-    if first is None:
-        raise AdapterError("package: a routed package needs a batched tensor among the example inputs.")
-    return first.shape[0]
 
 
 def _routed_manifest(lm: Any) -> dict[str, Any]:

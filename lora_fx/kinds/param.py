@@ -95,12 +95,6 @@ class ParamKind(Kind):
             return _grouped(geometry, x, first, second, new, offsets)
         return _index(geometry, x, first, second, new)
 
-    def emit_routed(self, g, geometry, x, y, bank, new):
-        raise NotImplementedError("parameter targets are refused by routing (ParamKind.refusal)")
-
-    def emit_dora(self, g, geometry, x, y, w, bias, params, scaling, dropout, new):
-        raise NotImplementedError("parameter targets have no DoRA (ParamKind.supports_dora is False)")
-
 
 def _index(geometry, x, first, second, new):
     """``F.linear(x, W[e])`` / ``x @ W[e]`` for a fixed e: ``F.linear(F.linear(x, first[e]), second[e])``."""

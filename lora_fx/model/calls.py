@@ -49,10 +49,10 @@ class CallsMixin:
         """Run the model's own forward with the adapters; ``adapter_names`` (one per row, ``"__base__"``: none)
         routes each row to its own adapter through the adapter bank (built on first use)."""
         if adapter_names is not None:
-            self._check_route(adapter_names, _rows(args, kwargs))
+            self._check_route(adapter_names, batch_rows(args, kwargs))
         if self._signature is None:
             return self.run_entry(None, lambda route: self.runner(self.graph_module)(*args, **kwargs, **route),
-                                  adapter_names, _rows(args, kwargs))
+                                  adapter_names, batch_rows(args, kwargs))
         if self._state.captured.source.__dict__.get("forward") is not self._source_forward:
             return self._patched_forward(args, kwargs, adapter_names)
         if kwargs.get("use_cache") or kwargs.get("past_key_values") is not None:
@@ -68,7 +68,7 @@ class CallsMixin:
         target = cap if entry is None else entry.cap
         positional = [call.pop(name) for name in self._signature.names[:target.positional]]  # as it was captured
         return self.run_entry(entry, lambda route: self.runner(target.graph_module)(*positional, **call, **route),
-                              adapter_names, _rows(args, kwargs))
+                              adapter_names, batch_rows(args, kwargs))
 
     def runner(self, gm: nn.Module) -> Any:
         """``gm``, or its ``torch.compile`` when ``lora_fx.compile`` compiled this model whole: the graphs are
@@ -253,7 +253,7 @@ class _BackboneRunner(nn.Module):
                                  self.adapter_names)
 
 
-def _rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
+def batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
     """The batch size of a call: the first dimension of its first tensor argument (None: no tensor)."""
     first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
     return None if first is None else first.shape[0]

@@ -300,3 +300,51 @@ def test_mica_freezes_b_from_the_minor_singular_vectors_as_peft_does(tmp_path):
         assert rel_err(back(x), lm(x)) < 1e-5
     with pytest.raises(lora_fx.RuleError, match="r <= min"):
         lora_fx.lorafy(ZOO["mlp"].build(), Rule("fc2", r=64, init="mica"))
+
+
+def test_bdlora_equals_peft_from_init_to_checkpoints(tmp_path):
+    """PEFT's BD-LoRA: block-diagonal A on o/down, B on q/up (2 blocks): the same draws at init, the same outputs,
+    merge, and checkpoints both ways."""
+    import copy
+
+    from peft.tuners.lora.config import BdLoraConfig
+
+    c = ZOO["llama"]
+    model, ids = c.build(), c.inputs()[0]
+
+    def config(init):
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj", "down_proj"],
+                          init_lora_weights=init, use_bdlora=BdLoraConfig(
+                              target_modules_bd_a=["o_proj", "down_proj"], target_modules_bd_b=["q_proj", "up_proj"],
+                              nblocks=2))
+    torch.manual_seed(5)
+    pm = get_peft_model(copy.deepcopy(model), config(False)).eval()
+    torch.manual_seed(5)
+    lm = lora_fx.lorafy(copy.deepcopy(model), config(False), example_inputs=(ids,)).eval()
+    for key, unit in lm.adapters.units("default").items():
+        layer = pm.base_model.model.get_submodule(key)
+        assert torch.equal(unit.lora_A, layer.lora_A["default"].weight), key
+        assert torch.equal(unit.lora_B, layer.lora_B["default"].weight), key
+    assert lm.unit("model.layers.0.self_attn.o_proj").lora_A.shape == (4, 16)  # A block-diagonal: [r, in / 2]
+    assert lm.unit("model.layers.0.self_attn.q_proj").lora_B.shape == (32, 2)  # B block-diagonal: [out, r / 2]
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path / "peft")
+    lm = lora_fx.from_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(ids,)).eval()
+    with torch.no_grad():
+        want = pm(ids).logits
+        assert rel_err(lm(ids).logits, want) < 1e-6
+        lm.merge()
+        assert rel_err(lm(ids).logits, want) < 1e-5
+        lm.unmerge()
+    lm.save_pretrained(tmp_path / "mine")
+    back = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "mine").eval()
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, want) < 1e-6
+    with pytest.raises(lora_fx.RuleError, match="matches neither"):
+        lora_fx.lorafy(copy.deepcopy(model), LoraConfig(r=4, target_modules=["k_proj"], use_bdlora=BdLoraConfig(
+            target_modules_bd_a=["o_proj"], nblocks=2)), example_inputs=(ids,))
+    with pytest.raises(lora_fx.RuleError, match="not divisible"):
+        lora_fx.lorafy(copy.deepcopy(model), Rule("q_proj", r=3, block_diagonal=("B", 2)), example_inputs=(ids,))

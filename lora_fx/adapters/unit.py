@@ -86,7 +86,8 @@ class LoraUnit(nn.Module):
 
     def reset_parameters(self) -> None:
         """PEFT's random init for this kind (an init from W draws only what PEFT draws; ``variants.inits``)."""
-        self.strategy.reset(self, random_part(self.init))
+        if not self.variant.reset(self, random_part(self.init)):
+            self.strategy.reset(self, random_part(self.init))
         if self.init == "orthogonal":
             orthogonal_init(self)
 

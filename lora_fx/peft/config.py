@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from collections import Counter
@@ -27,7 +28,7 @@ from ..variants import inits, mixed, peft_fields, rule_fields
 _UNSUPPORTED_WHEN_SET = (
     "megatron_config",
     "eva_config", "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
-    "monteclora_config", "arrow_config", "kasa_config", "use_bdlora",
+    "monteclora_config", "arrow_config", "kasa_config",
 )
 _UNSUPPORTED_WHEN_TRUE = ("use_qalora",)
 
@@ -105,13 +106,26 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
                    trainable_token_indices=c.get("trainable_token_indices") or None,
                    ensure_weight_tying=bool(c.get("ensure_weight_tying", False)),
                    layer_replication=tuple(tuple(s) for s in c["layer_replication"]) if c.get("layer_replication")
-                   else None,
+                   else None, bdlora=_bdlora(c),
                    peft_config=_as_given(c))
 
 
 # The heads PEFT's task models add to modules_to_save (PeftModelForSequenceClassification, ...), where present
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
               "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _bdlora(c: dict[str, Any]) -> dict[str, Any] | None:
+    """PEFT's ``use_bdlora`` (a ``BdLoraConfig`` or its dict form) as a dict, or None."""
+    value = c.get("use_bdlora")
+    if value is None or value is False:
+        return None
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, dict) or not isinstance(value.get("nblocks", 1), int) or value.get("nblocks", 1) < 1:
+        raise RuleError(f"LoraConfig.use_bdlora={value!r}: use a BdLoraConfig (target_modules_bd_a, "
+                        "target_modules_bd_b, nblocks >= 1, match_strict).")
+    return dict(value)
 
 
 def _modules_to_save(c: dict[str, Any]) -> tuple[str, ...] | None:
@@ -124,7 +138,7 @@ AS_GIVEN = ("task_type", "target_modules", "target_parameters", "exclude_modules
             "layers_pattern",
             "modules_to_save", "base_model_name_or_path", "revision", "r", "lora_alpha", "rank_pattern",
             "alpha_pattern", "lora_dropout", "trainable_token_indices", "ensure_weight_tying",
-            "layer_replication")
+            "layer_replication", "use_bdlora")
 TASKS = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
          "ForQuestionAnswering": "QUESTION_ANS", "ForConditionalGeneration": "SEQ_2_SEQ_LM",
          "ForSeq2SeqLM": "SEQ_2_SEQ_LM"}
@@ -136,6 +150,7 @@ def _as_given(c: dict[str, Any]) -> dict[str, Any]:
         if name in c:
             value = c[name]
             value = str(value).split(".")[-1] if name == "task_type" and value is not None else value
+            value = _bdlora(c) if name == "use_bdlora" else value
             out[name] = sorted(value) if isinstance(value, (set, frozenset)) else value
     return out
 
@@ -277,8 +292,25 @@ def config_for_units(units: list, fan_in_fan_out: bool, base_model: str | None, 
         "alpha_pattern": {u.key: u.variant.peft_alpha(u) for u in units if u.variant.peft_alpha(u) != alpha},
         "fan_in_fan_out": fan_in_fan_out, "bias": bias, "use_rslora": rslora.pop(),
         "modules_to_save": None, "init_lora_weights": _init_for_peft(units), "layers_to_transform": None,
-        "layers_pattern": None, **peft_fields(u.variant for u in units),
+        "layers_pattern": None, **peft_fields(u.variant for u in units), "use_bdlora": _bdlora_for(units),
     }
+
+
+def _bdlora_for(units: list) -> dict[str, Any] | None:
+    """``use_bdlora`` that makes PEFT build these units' block-diagonal factors (by module name, as PEFT matches)."""
+    bd = [u for u in units if getattr(u.variant, "side", None)]
+    if not bd:
+        return None
+    sides = {u.key.rpartition(".")[2]: u.variant.side for u in bd}
+    blocks = {u.variant.nblocks for u in bd}
+    plain = {u.key.rpartition(".")[2] for u in units if u not in bd}
+    if len(blocks) > 1 or plain & set(sides) or len(sides) != len({(u.key.rpartition(".")[2], u.variant.side)
+                                                                    for u in bd}):
+        raise CheckpointError("PEFT's use_bdlora has one nblocks per adapter and names modules by their last name; "
+                              "these units mix block counts or sides under one name. Save them as separate adapters.")
+    return {"target_modules_bd_a": sorted(n for n, s in sides.items() if s == "A"),
+            "target_modules_bd_b": sorted(n for n, s in sides.items() if s == "B"),
+            "nblocks": blocks.pop(), "match_strict": not plain}
 
 
 def _init_for_peft(units: list) -> bool | str:

@@ -69,6 +69,7 @@ class Rule(metaclass=_Checked):
     use_dora: bool = False
     lora_bias: bool = False  # PEFT's lora_bias: B gets a bias, ``delta = s·(B A x + b)``
     out_slices: tuple[tuple[int, int], ...] | None = None  # output ranges with their own A and B (fused qkv)
+    block_diagonal: tuple[str, int] | None = None  # BD-LoRA: ("A" or "B", nblocks), that factor block-diagonal
 
     def __post_init__(self) -> None:
         patterns = (self.match,) if isinstance(self.match, str) else tuple(self.match)
@@ -106,6 +107,16 @@ class Rule(metaclass=_Checked):
                                 "and PiSSA/OLoRA describe the whole layer. Drop them or the slices.")
         if not inits.is_init(self.init):
             raise RuleError(f"Rule {self.label}: init must be one of {inits.NAMES}, got {self.init!r}.")
+        if self.block_diagonal is not None:
+            side, n = (tuple(self.block_diagonal) + (None, None))[:2]
+            if side not in ("A", "B") or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise RuleError(f"Rule {self.label}: block_diagonal must be ('A' or 'B', nblocks >= 1), got "
+                                f"{self.block_diagonal!r}.")
+            if self.use_dora or self.lora_bias or self.out_slices or inits.is_weight_init(self.init) or (
+                    self.init in ("mica", "orthogonal")):
+                raise RuleError(f"Rule {self.label}: block_diagonal (BD-LoRA) is plain LoRA with one factor "
+                                "block-diagonal; drop DoRA, lora_bias, out_slices or the init from W.")
+            object.__setattr__(self, "block_diagonal", (side, n))
 
     @property
     def patterns(self) -> tuple[str, ...]:
@@ -134,6 +145,19 @@ class Rule(metaclass=_Checked):
         if not self.takes(kind):
             return []
         return [p for p in self.patterns if match_pattern(p, key)]
+
+
+def _bd_side(bdlora: dict[str, Any], key: str) -> str | None:
+    """PEFT's BD-LoRA matching: a pattern *contained in* the target's module name (its last key part)."""
+    name = key.rpartition(".")[2]
+    side_a = any(p in name for p in bdlora.get("target_modules_bd_a") or ())
+    side_b = any(p in name for p in bdlora.get("target_modules_bd_b") or ())
+    if side_a and side_b:
+        raise RuleError(f"use_bdlora: {key!r} matches both target_modules_bd_a and target_modules_bd_b.")
+    if not (side_a or side_b) and bdlora.get("match_strict", True):
+        raise RuleError(f"use_bdlora: {key!r} matches neither target_modules_bd_a nor target_modules_bd_b (set "
+                        "match_strict=False to give it plain LoRA).")
+    return "A" if side_a else "B" if side_b else None
 
 
 def _check_slices(label: str, slices: Any) -> tuple[tuple[int, int], ...]:
@@ -198,7 +222,14 @@ class RuleSet:
     trainable_token_indices: Any = None  # PEFT's: [rows] of the input embedding, or {module name: [rows]}
     ensure_weight_tying: bool = False  # PEFT's: tied layers follow the embedding's adapter
     layer_replication: tuple[tuple[int, int], ...] | None = None  # PEFT's: layers stacked again before capture
+    bdlora: dict[str, Any] | None = None  # PEFT's use_bdlora: which keys get a block-diagonal A or B, nblocks
     peft_config: dict[str, Any] | None = None  # the LoraConfig these rules came from (saved back as given)
+
+    def _block_diagonal(self, rule: Rule, key: str) -> Rule:
+        if not self.bdlora or rule.exclude:
+            return rule
+        side = _bd_side(self.bdlora, key)
+        return replace(rule, block_diagonal=(side, int(self.bdlora.get("nblocks", 1)))) if side else rule
 
     def __post_init__(self) -> None:
         if self.bias not in BIAS_MODES:
@@ -213,7 +244,8 @@ class RuleSet:
         return rule
 
     def effective(self, rule: Rule, key: str) -> Rule:
-        """``rule`` with PEFT's per-key ``rank_pattern`` / ``alpha_pattern`` overrides applied."""
+        """``rule`` with PEFT's per-key ``rank_pattern`` / ``alpha_pattern`` overrides and ``use_bdlora`` applied."""
+        rule = self._block_diagonal(rule, key)
         r_key = _pattern_key(self.rank_pattern, key)
         a_key = _pattern_key(self.alpha_pattern, key)
         if r_key is None and a_key is None:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .base import PLAIN, Variant
+from .bdlora import BdLora
 from .biased import BIASED, Biased
 from .dora import DORA, DoRA
 from .mica import MICA, MiCA
@@ -33,6 +34,8 @@ def resolve(rule: Any) -> Variant:
     """The variant a (validated) rule asks for."""
     if rule.init == "mica":
         return MICA
+    if rule.block_diagonal:
+        return BdLora(*rule.block_diagonal)
     if rule.use_dora:
         return DORA
     if rule.lora_bias:
@@ -61,6 +64,5 @@ def mixed(variants: Iterable[Variant]) -> list[str]:
             if len({type(v) is cls for v in variants}) > 1]
 
 
-__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "Sliced", "resolve", "peft_fields", "rule_fields",
-           "mixed",
-           "PEFT_FIELDS"]
+__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Sliced", "resolve", "peft_fields",
+           "rule_fields", "mixed", "PEFT_FIELDS"]

@@ -72,6 +72,10 @@ class Variant:
         """Parameters besides A and B, by attribute name (PEFT's init values)."""
         return {}
 
+    def reset(self, unit: LoraUnit, init: bool | str) -> bool:
+        """Draw A and B itself, in PEFT's order for this variant (True), or leave it to the kind (False)."""
+        return False
+
     def init(self, unit: LoraUnit, weight: torch.Tensor) -> None:
         """What the variant sets from the base weight once A and B are initialised."""
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import PROJECTIONS, llama, report
+from common import PROJECTIONS, live_peak_mib, llama, report
 
 import lora_fx
 from lora_fx import Rule
@@ -70,22 +70,6 @@ def rebuilds(rounds: int, lorafy_rounds: int) -> list[dict]:
     return rows
 
 
-def step_peak_mib(step) -> float:
-    """Peak of live tensor memory during one call of ``step``, above what was live before it: every allocation
-    and free recorded by torch.profiler (exact, unlike sampling the resident set)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak / 2**20
-
-
 def memory_variant(name: str) -> float:
     from peft import LoraConfig, get_peft_model
 
@@ -109,7 +93,7 @@ def memory_variant(name: str) -> float:
         opt.zero_grad(set_to_none=True)
 
     step()  # optimizer state exists before measuring, for both
-    return step_peak_mib(step)
+    return live_peak_mib(step)
 
 
 def memory() -> list[dict]:

@@ -166,3 +166,35 @@ def same_adapters(lm, *peft_models, randomize_b: bool = False) -> None:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def live_peak_mib(step: Callable[[], object]) -> float:
+    """Peak of live tensor memory during one call of ``step``, above what was live before it: every allocation
+    and free recorded by torch.profiler (exact, unlike sampling the resident set)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def loss_stepper(model, ids: torch.Tensor, params: list | None = None) -> Callable[[], torch.Tensor]:
+    """One training step on the model's own causal-LM loss (``labels=ids``): backward, then fused AdamW on
+    ``params`` (default: the parameters that require grad; ``[]``: no optimizer, the frozen floor)."""
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True) if params else None
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+    return step

@@ -15,39 +15,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from common import PROJECTIONS, interleaved, llama, rel_err, report, setting
+from common import PROJECTIONS, interleaved, live_peak_mib, llama, loss_stepper, rel_err, report, setting
 from peft import LoraConfig, get_peft_model
 
 import lora_fx
 from lora_fx import Rule
 
 VOCAB, BATCH, SEQ = 128256, 4, 512
-
-
-def step_peak_mib(step) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak / 2**20
-
-
-def stepper(model, ids):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-    return step
 
 
 def main() -> None:
@@ -76,11 +50,11 @@ def main() -> None:
     grad_err = max(rel_err(a, b) for a, b in zip(checks["fused"][1], checks["plain"][1]))
     peft_err = rel_err(checks["fused"][0], checks["peft"][0])
     assert loss_err < 1e-5 and grad_err < 1e-5 and peft_err < 1e-5, (loss_err, grad_err, peft_err)
-    steps = {"PEFT eager": stepper(peft, ids), "lora_fx eager": stepper(plain, ids),
-             "lora_fx fused_loss": stepper(fused, ids)}
+    steps = {"PEFT eager": loss_stepper(peft, ids), "lora_fx eager": loss_stepper(plain, ids),
+             "lora_fx fused_loss": loss_stepper(fused, ids)}
     for step in steps.values():
         step()  # optimizer state exists before anything is measured
-    peaks = {name: step_peak_mib(step) for name, step in steps.items()}
+    peaks = {name: live_peak_mib(step) for name, step in steps.items()}
     times = interleaved(steps, args.rounds)
     rows = [{"variant": name, "step ms": times[name] * 1e3, "x PEFT time": times[name] / times["PEFT eager"],
              "step peak MiB": peaks[name], "x PEFT memory": peaks[name] / peaks["PEFT eager"]} for name in steps]

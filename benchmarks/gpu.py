@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from common import HERE, PROJECTIONS, llama, rel_err, report, same_adapters
+from common import HERE, PROJECTIONS, llama, loss_stepper, rel_err, report, same_adapters
 from peft import LoraConfig, get_peft_model
 
 import lora_fx
@@ -59,19 +59,6 @@ def peak_mib(fn, device: str) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def stepper(model, ids, params):
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=ids.is_cuda) if params else None
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return loss
-    return step
-
-
 def train_table(base, ids, rounds: int, device: str) -> list[dict]:
     small = ids[:2, :8]
     rule = Rule(PROJECTIONS, r=16, alpha=32, init=False)
@@ -82,17 +69,17 @@ def train_table(base, ids, rounds: int, device: str) -> list[dict]:
     same_adapters(models["lora_fx"], peft, randomize_b=True)
     models["lora_fx fused loss"].adapters.load_state_dict(models["lora_fx"].adapters.state_dict())
     peft_params = [p for p in peft.parameters() if p.requires_grad]
-    variants = {"PEFT eager": stepper(peft.train(), ids, peft_params)}
+    variants = {"PEFT eager": loss_stepper(peft.train(), ids, peft_params)}
     for name, lm in models.items():
-        variants[f"{name} eager"] = stepper(lm.train(), ids, lm.trainable_parameters())
+        variants[f"{name} eager"] = loss_stepper(lm.train(), ids, lm.trainable_parameters())
     ref = variants["PEFT eager"]().detach()
     tol = 2e-2 if ids.is_cuda else 1e-4
     for name, step in list(variants.items()):
         assert rel_err(step().detach(), ref) < tol, name
-    variants["PEFT compiled"] = stepper(torch.compile(peft), ids, peft_params)
+    variants["PEFT compiled"] = loss_stepper(torch.compile(peft), ids, peft_params)
     for name, lm in models.items():
         twin = copy.deepcopy(lm)
-        variants[f"{name} compiled"] = stepper(lora_fx.compile(twin), ids, twin.trainable_parameters())
+        variants[f"{name} compiled"] = loss_stepper(lora_fx.compile(twin), ids, twin.trainable_parameters())
     compile_s = {}
     for name in [n for n in variants if "compiled" in n]:
         t0 = time.perf_counter()

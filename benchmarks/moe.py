@@ -19,8 +19,7 @@ import statistics
 import tempfile
 
 import torch
-from common import interleaved_times, report, steady_malloc
-from fused_loss import step_peak_mib
+from common import interleaved_times, live_peak_mib, loss_stepper, report, steady_malloc
 from peft import LoraConfig, get_peft_model
 
 import lora_fx
@@ -38,19 +37,6 @@ def qwen3_moe(experts: int):
                          num_experts_per_tok=2, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                          head_dim=64, vocab_size=4096, use_cache=False)
     return Qwen3MoeForCausalLM(cfg).eval()
-
-
-def stepper(model, ids, floor: bool = False):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True) if params and not floor else None
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    return step
 
 
 def forward(model, ids):
@@ -79,11 +65,11 @@ def one_size(experts: int, rounds: int) -> list[dict]:
     assert err < 1e-5, err
     peft.train()
     lm.train()
-    steps = {"base (frozen, floor)": stepper(floor, ids, floor=True), "PEFT eager": stepper(peft, ids),
-             "lora_fx eager": stepper(lm, ids)}
+    steps = {"base (frozen, floor)": loss_stepper(floor, ids, []), "PEFT eager": loss_stepper(peft, ids),
+             "lora_fx eager": loss_stepper(lm, ids)}
     for step in steps.values():
         step()  # optimizer state exists before anything is measured
-    peaks = {name: step_peak_mib(step) for name, step in steps.items()}
+    peaks = {name: live_peak_mib(step) for name, step in steps.items()}
     peft.eval()
     lm.eval()
     fwd = {"base forward": forward(base, ids), "PEFT forward": forward(peft, ids),

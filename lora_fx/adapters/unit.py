@@ -23,18 +23,24 @@ from ..variants import Variant, resolve
 from ..variants.inits import check_target, orthogonal_init, random_part
 
 
+def _mem_available() -> int | None:
+    """The host's MemAvailable (Linux), in bytes; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            line = next((line for line in f if line.startswith("MemAvailable:")), None)
+        return int(line.split()[1]) * 1024 if line else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def device_memory(device: torch.device) -> int:
     """Bytes of memory ``device`` can still give (free GPU memory; the host's MemAvailable, else its total): what
     one allocation may take at most."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    available = _mem_available()
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

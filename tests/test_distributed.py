@@ -1,7 +1,9 @@
 """DDP and FSDP2 on CPU (gloo, 2 processes, spawned): both ranks end with identical adapters, equal to one process
 training on the global batch; a save under FSDP2 gathers the sharded adapter into an ordinary PEFT checkpoint."""
 
+import gc
 import os
+import time
 
 import pytest
 import torch
@@ -48,6 +50,7 @@ def _train(lm, model, rank, world):
 def _worker(rank, mode, init_file, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    model = None
     try:
         lm = _lm()
         if mode == "ddp":
@@ -61,13 +64,24 @@ def _worker(rank, mode, init_file, out):
         state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
                  for k, v in lm.adapters.state_dict().items()}
         torch.save(state, os.path.join(out, f"{mode}_{rank}.pt"))
+        dist.barrier()  # no collective still in flight at teardown
     finally:
+        # DDP's reducer holds the process group: freed after it (by the interpreter, holding the GIL) the group's
+        # destructor joins gloo's worker thread, which may wait for the GIL: free the wrapper while the group lives
+        del model
+        gc.collect()
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_ranks_train_like_one_process_on_the_global_batch(mode, tmp_path):
-    mp.spawn(_worker, args=(mode, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ctx = mp.spawn(_worker, args=(mode, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 240  # a hang in gloo's teardown must not hang the suite: bounded, then reported
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the ranks did not exit within 240 s")
     ranks = [torch.load(tmp_path / f"{mode}_{r}.pt") for r in range(WORLD)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     single = _lm()

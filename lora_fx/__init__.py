@@ -1,6 +1,7 @@
 """lora_fx: LoRA as a compiler pass over torch.fx / torch.export graphs."""
 
 from .api import from_peft, lorafy
+from .capture.disk import clear_capture_cache
 from .deploy import compile, export, package, swap_adapter
 from .distributed import fully_shard
 from .errors import AdapterError, CaptureError, CheckpointError, LoraFxError, MergeError, RuleError, RuleWarning
@@ -9,7 +10,8 @@ from .report import RewriteReport
 from .rules import Rule, RuleSet
 
 __all__ = [
-    "lorafy", "from_peft", "compile", "export", "package", "swap_adapter", "fully_shard", "Rule", "RuleSet",
+    "lorafy", "from_peft", "compile", "export", "package", "swap_adapter", "fully_shard", "clear_capture_cache",
+    "Rule", "RuleSet",
     "LoraModel", "RewriteReport",
     "LoraFxError", "RuleError", "CaptureError", "AdapterError", "CheckpointError", "MergeError", "RuleWarning",
 ]

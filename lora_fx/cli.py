@@ -1,10 +1,11 @@
-"""Command line: ``lora-fx demo``, ``lora-fx merge`` and ``lora-fx package`` (also ``python -m lora_fx ...``).
+"""Command line: ``lora-fx demo``, ``merge``, ``package`` and ``cache`` (also ``python -m lora_fx ...``).
 
 Example::
 
     lora-fx demo --steps 60 --out demo_adapter
     lora-fx merge --base ./model --adapter ./demo_adapter --out ./merged
     lora-fx package --base ./model --adapter ./demo_adapter --out ./model.pt2 [--unmerged]
+    lora-fx cache info | clear
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .capture.disk import cache_info, clear_capture_cache
 from .demo import DemoConfig, run_demo
 from .deploy.merge_dir import merge_model_dir
 from .deploy.package import package_model_dir
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     pkg.add_argument("--unmerged", action="store_true", help="keep the LoRA branches (adapters swappable later)")
     pkg.add_argument("--force", action="store_true", help="replace an existing --out")
     pkg.add_argument("--no-progress", action="store_true", help="no progress lines")
+    cache = sub.add_parser("cache", help="the on-disk capture cache: where it is and how big (info), or empty it "
+                                         "(clear)")
+    cache.add_argument("action", choices=["info", "clear"])
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo(DemoConfig(steps=args.steps, out=args.out, seed=args.seed), progress=not args.no_progress)
@@ -60,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lora-fx package: {e}", file=sys.stderr)
             return 2
         print(f"package saved to {args.out} (torch._inductor.aoti_load_package to run it)")
+    elif args.command == "cache":
+        if args.action == "clear":
+            print(f"removed {clear_capture_cache()} capture cache entries")
+        else:
+            print(cache_info())
     return 0
 
 

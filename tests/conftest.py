@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 
 import pytest
@@ -7,6 +10,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(2)
+# the capture cache of this run starts empty and lives in a temporary folder, never in the user's own
+os.environ["LORA_FX_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora_fx_test_cache_")
+atexit.register(shutil.rmtree, os.environ["LORA_FX_CACHE_DIR"], True)
 warnings.filterwarnings("ignore", message=".*bos_token_id.*")
 warnings.filterwarnings("ignore", message=".*eos_token_id.*")
 

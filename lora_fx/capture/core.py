@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -31,12 +32,13 @@ from ..passes.common import copy_graph
 from ..targets import Target, Unsupported, arg, base_weight, find_targets, idle_modules, weight_uses
 from .blocks import Block, Template
 from .calls import CallSignature, call_key
+from .disk import CacheEntry, cache_entry
 from .experts import native_grouped
 from .exporting import export_program, share_parameters
 from .masks import elide_masks
 from .modes import check_traced, mode_dependent
 from .quantized import swap_quantized
-from .templated import TemplateMismatch, capture_templated
+from .templated import TemplateMismatch, capture_templated, reproduces
 from .traced import trace_with_blocks
 
 
@@ -115,12 +117,13 @@ def _capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, 
     if example_inputs or kwargs:
         example_inputs, kwargs = distinct_inputs(example_inputs, kwargs)
         key = call_key(CallSignature.of(model).bind(example_inputs, kwargs))
+        cached = functools.partial(cache_entry, model, key, len(example_inputs)) if templates else None
         try:
             if not templates:
                 raise TemplateMismatch("templates not wanted")
-            gm, found, blocks = capture_templated(model, example_inputs, kwargs)
+            gm, found, blocks = capture_templated(model, example_inputs, kwargs, cached("templated"))
         except TemplateMismatch:
-            gm, found, blocks = export_program(model, example_inputs, kwargs).module(), {}, {}
+            gm, found, blocks = _whole(model, example_inputs, kwargs, cached and cached("whole")), {}, {}
         share_parameters(gm, model)
         elide_masks(gm, found, blocks)
         cap = _finish(gm, model, "export", True, found, blocks)
@@ -137,6 +140,21 @@ def _capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, 
         ) from e
     check_traced(model, *_codes(gm, templates), lambda: _codes(*trace_with_blocks(model)[:2]))
     return _finish(gm, model, "symbolic_trace", False, templates, blocks)
+
+
+def _whole(model: nn.Module, args: tuple, kwargs: dict[str, Any], entry: CacheEntry | None) -> fx.GraphModule:
+    """The model exported in one piece (from the capture cache when ``entry`` holds a program that still
+    reproduces the model's output)."""
+    found = entry.load(model, args, kwargs) if entry is not None else None
+    if found is not None:
+        gm = found[0].module()
+        if reproduces(gm, model, args, kwargs):
+            return gm
+        entry.drop()
+    program = export_program(model, args, kwargs)
+    if entry is not None:
+        entry.store(program, {})
+    return program.module()
 
 
 def _codes(gm: fx.GraphModule, templates: dict[str, Template]) -> tuple[str, dict[str, str]]:

@@ -26,6 +26,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from .blocks import Template, install_blocks
+from .disk import CacheEntry
 from .exporting import export_program, no_kv_cache
 from .outline import MARK_IN, MARK_OUT, OutlineError, outline
 from .repeats import repeated_blocks
@@ -67,22 +68,49 @@ class _Group:
 _CALLS: dict[int, tuple[_Group, str]] = {}  # call id -> (group, block path), alive during one capture
 
 
-def capture_templated(model: nn.Module, args: tuple, kwargs: dict[str, Any]):
-    """(outer GraphModule, templates by id, blocks by path); raises TemplateMismatch when templates do not fit."""
+def capture_templated(model: nn.Module, args: tuple, kwargs: dict[str, Any], entry: CacheEntry | None = None,
+                      read: bool = True):
+    """(outer GraphModule, templates by id, blocks by path); raises TemplateMismatch when templates do not fit.
+    With a capture cache ``entry`` a stored program replaces the export (``read``), and a fresh one is stored."""
     saved = [(b, b.clone()) for b in model.buffers()]  # a training run updates running statistics: put back
+    hit = None
     try:
         with no_kv_cache(model, kwargs):
             with seeded(model):  # dropout in training mode: the check below replays the same masks
                 groups, reference = _groups_and_reference(model, args, kwargs)
             _refuse_shared_parameters(model, groups)
             _restore(saved)
-            gm, calls = _export_with_wrappers(model, args, kwargs, groups)
+            hit = _stored(entry, model, groups, args, kwargs) if read else None
+            program, calls = hit or _export_with_wrappers(model, args, kwargs, groups)
+        gm = program.module()
         templates, blocks = _install(gm, model, groups, calls)
         with seeded(model):
             _check_reproduces(gm, args, kwargs, reference)
+    except TemplateMismatch:
+        if not hit:
+            raise
+        entry.drop()  # a stored program that no longer fits: capture afresh
+        return capture_templated(model, args, kwargs, entry, read=False)
     finally:
         _restore(saved)
+    if entry is not None and not hit:
+        entry.store(program, {"groups": [[g.members, g.leader, g.call, g.names] for g in groups],
+                              "calls": [[call, path] for call, path in calls.items()]})
     return gm, templates, blocks
+
+
+def _stored(entry: CacheEntry | None, model: nn.Module, groups: list[_Group], args: tuple, kwargs: dict):
+    """(program, calls) from the capture cache, with each group's template call as recorded; None on a miss."""
+    found = entry.load(model, args, kwargs) if entry is not None else None
+    if found is None:
+        return None
+    program, state = found
+    if [g.members for g in groups] != [members for members, *_ in state["groups"]]:
+        entry.drop()
+        return None
+    for g, (_, leader, call, names) in zip(groups, state["groups"]):
+        g.leader, g.call, g.names = leader, call, names
+    return program, {call: path for call, path in state["calls"]}
 
 
 @contextlib.contextmanager
@@ -144,8 +172,8 @@ def _export_with_wrappers(model, args, kwargs, groups):
             wrapped.append((module, module.__dict__.get("forward")))
             module.forward = _wrapper(module, path, g)  # an instance attribute shadows the class's forward
     try:
-        gm = export_program(model, args, kwargs).module()
-        return gm, {call: path for call, (_, path) in _CALLS.items()}
+        program = export_program(model, args, kwargs)
+        return program, {call: path for call, (_, path) in _CALLS.items()}
     except Exception as e:
         raise TemplateMismatch(f"the model cannot be exported with block templates: {e}") from e
     finally:
@@ -263,6 +291,22 @@ def _install(gm: fx.GraphModule, model: nn.Module, groups: list[_Group], calls: 
     graph.lint()
     gm.recompile()
     return templates, blocks
+
+
+def reproduces(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether ``gm`` gives ``model``'s eager outputs on the example inputs (buffers put back after both runs)."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        with no_kv_cache(model, kwargs), seeded(model), torch.no_grad():
+            reference = model(*args, **kwargs)
+        _restore(saved)
+        with seeded(model):
+            _check_reproduces(gm, args, kwargs, reference)
+        return True
+    except Exception:
+        return False
+    finally:
+        _restore(saved)
 
 
 def _check_reproduces(gm, args, kwargs, reference) -> None:

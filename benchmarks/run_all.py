@@ -17,7 +17,8 @@ def main() -> int:
     quick = "--quick" in sys.argv
     rounds = ["--rounds", "6"] if quick else []
     for script, args in [("train_step.py", rounds), ("forward.py", rounds), ("memory.py", []),
-                         ("compile_time.py", []), ("blocks.py", rounds), ("generate.py", rounds),
+                         ("compile_time.py", []), ("first_call.py", rounds), ("blocks.py", rounds),
+                         ("generate.py", rounds),
                          ("ecosystem.py", rounds), ("many_adapters.py", rounds),
                          ("qlora.py", rounds), ("fused_loss.py", rounds), ("moe.py", rounds),
                          ("deploy.py", rounds)]:

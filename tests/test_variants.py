@@ -348,3 +348,81 @@ def test_bdlora_equals_peft_from_init_to_checkpoints(tmp_path):
             target_modules_bd_a=["o_proj"], nblocks=2)), example_inputs=(ids,))
     with pytest.raises(lora_fx.RuleError, match="not divisible"):
         lora_fx.lorafy(copy.deepcopy(model), Rule("q_proj", r=3, block_diagonal=("B", 2)), example_inputs=(ids,))
+
+
+def test_kasa_equals_peft_from_truncation_to_checkpoints(tmp_path):
+    """PEFT's KaSA: the same truncated base weights and draws at init, the same outputs, gradients and regularizer
+    with nonzero B, merge, checkpoints both ways; the variant refuses what PEFT refuses."""
+    import copy
+
+    from peft.tuners.lora.config import KasaConfig
+
+    c = ZOO["llama"]
+    model, ids = c.build(), c.inputs()[0]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        kasa_config=KasaConfig(beta=1e-3, gamma=1e-2))
+    torch.manual_seed(5)
+    pm = get_peft_model(copy.deepcopy(model), config)
+    torch.manual_seed(5)
+    lm = lora_fx.lorafy(copy.deepcopy(model), config, example_inputs=(ids,))
+    base = lm.get_base_model()
+    for key, unit in lm.adapters.units("default").items():
+        layer = pm.base_model.model.get_submodule(key)
+        assert torch.equal(unit.lora_A, layer.lora_A["default"].weight), key
+        assert torch.equal(unit.lora_diag, layer.lora_diag["default"]), key
+        assert torch.equal(base.get_submodule(key).weight, layer.base_layer.weight), key  # W without its r minor
+        assert not torch.equal(base.get_submodule(key).weight, model.get_submodule(key).weight)
+    with torch.no_grad():
+        for m in (pm, lm):
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    losses = [m(ids, labels=ids).loss + (m.base_model._get_kasa_loss() if m is pm else m.variant_loss())
+              for m in (pm, lm)]
+    assert rel_err(losses[1], losses[0]) < 1e-6
+    for loss in losses:
+        loss.backward()
+    for key, unit in lm.adapters.units("default").items():
+        layer = pm.base_model.model.get_submodule(key)
+        pairs = [(unit.lora_A, layer.lora_A["default"].weight), (unit.lora_B, layer.lora_B["default"].weight),
+                 (unit.lora_diag, layer.lora_diag["default"])]
+        for mine, theirs in pairs:
+            assert rel_err(mine.grad, theirs.grad) < 1e-5, key
+    pm.eval(), lm.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        want = pm(ids).logits
+        assert rel_err(lm(ids).logits, want) < 1e-6
+        loaded = lora_fx.from_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(ids,)).eval()
+        assert rel_err(loaded(ids).logits, want) < 1e-6
+        loaded.merge()
+        assert rel_err(loaded(ids).logits, want) < 1e-5
+        loaded.unmerge()
+        assert rel_err(loaded(ids).logits, want) < 1e-6
+    loaded.save_pretrained(tmp_path / "mine")
+    back = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "mine").eval()
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, want) < 1e-6
+    assert loaded.peft_config["default"].kasa_config.gamma == 1e-2
+    with pytest.raises(lora_fx.AdapterError, match="KaSA rewrites the base weights"):
+        loaded.add_adapter("plain", Rule("o_proj", r=2))
+    with pytest.raises(lora_fx.RuleError, match="r < min"):
+        lora_fx.lorafy(ZOO["mlp"].build(), Rule("head", r=5, kasa=True))
+    with pytest.raises(lora_fx.RuleError, match="KaSA on"):
+        lora_fx.lorafy(ZOO["gpt2"].build(), Rule("c_attn", r=2, kasa=True), **ZOO["gpt2"].lorafy_kwargs())
+
+
+def test_kasa_training_lowers_the_regularized_loss():
+    c = ZOO["llama"]
+    ids = c.inputs()[0]
+    lm = lora_fx.lorafy(c.build(), Rule(["q_proj", "v_proj"], r=4, kasa=(1e-3, 1e-2)), example_inputs=(ids,))
+    opt = torch.optim.AdamW(lm.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = lm(ids, labels=ids).loss + lm.variant_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert any(u.lora_diag.grad is not None for u in lm.adapters.units("default").values())

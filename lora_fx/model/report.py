@@ -8,6 +8,7 @@ Example::
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..report import RewriteReport, passes_summary
@@ -29,6 +30,27 @@ class ReportMixin:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
+
+    def variant_loss(self, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
+        """The auxiliary losses the adapters' variants train with, summed over their units (KaSA's regularizer:
+        ``beta·‖d‖² + gamma·(‖BᵀB - I‖_F + ‖AAᵀ - I‖_F)``); 0.0 when none has one. Add it to the task loss::
+
+            loss = out.loss + lm.variant_loss()
+        """
+        state = self.state
+        names = state.active if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) \
+            else adapter_names
+        total: torch.Tensor | float = 0.0
+        for name in names:
+            for unit in state.entries[name].by_key.values():
+                term = unit.variant.regularization(unit)
+                if term is not None:
+                    total = total + term
+        return total
+
+    def _get_kasa_loss(self, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
+        """PEFT's name for ``variant_loss`` (KaSA's regularizer)."""
+        return self.variant_loss(adapter_names)
 
     def report(self) -> RewriteReport:
         """What the rewrite did: one row per (adapter, key) (per output slice for sliced units)."""

@@ -99,11 +99,16 @@ def new_entry(state: LoraState, name: str, rules: RuleLike, autocast: bool,
                         dtype=adapter_dtype(compute_dtype(t, weight), autocast), variant=variant)
         unit.peft_key = peft_keys.get(key, key)
         unit.variant.init(unit, weight)
+        residual = unit.variant.residual(unit, weight)
         if is_weight_init(rule.init):  # PiSSA / OLoRA: A, B from W; the base keeps W - s·B A
+            residual = svd_init(unit, weight)
+        if residual is not None:
             if state.merge is not None:
-                raise MergeError(f"init={rule.init!r} rewrites base weights; unmerge() {state.merged} first.")
-            residuals.append((weight, svd_init(unit, weight)))
+                what = f"init={rule.init!r}" if is_weight_init(rule.init) else unit.variant.label
+                raise MergeError(f"{what} rewrites base weights; unmerge() {state.merged} first.")
+            residuals.append((weight, residual))
         units.append(unit)
+    _refuse_exclusive_mix(state, name, units)
     if idle:
         warnings.warn(f"Adapter {name!r}: the rank exceeds both feature sizes of {preview(idle, 4)}; a rank above "
                       "min(in, out) adds parameters but no expressiveness (PEFT accepts it too).",
@@ -114,6 +119,20 @@ def new_entry(state: LoraState, name: str, rules: RuleLike, autocast: bool,
     entry.ties = ties
     entry.saved_ties = saved_ties(cap.source, saved) if ruleset.ensure_weight_tying else {}
     return entry, residuals
+
+
+def _refuse_exclusive_mix(state: LoraState, name: str, units: list) -> None:
+    """PEFT refuses adapters of an exclusive variant (KaSA) beside adapters without it on one model."""
+    def exclusive(us) -> set[str]:
+        return {u.variant.label for u in us if u.variant.exclusive}
+    mine = exclusive(units)
+    for other, entry in state.entries.items():
+        theirs = exclusive(entry.by_key.values())
+        if theirs != mine:
+            label = " / ".join(sorted(mine | theirs))
+            raise AdapterError(f"Adapter {name!r} {'uses' if mine else 'does not use'} {label} and adapter {other!r} "
+                               f"{'does' if theirs else 'does not'}: {label} rewrites the base weights, so PEFT "
+                               "refuses to mix it with other adapters on one model. Use a separate model.")
 
 
 def saved_ties(source: Any, saved: dict) -> dict[str, str]:

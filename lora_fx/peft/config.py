@@ -28,7 +28,7 @@ from ..variants import inits, mixed, peft_fields, rule_fields
 _UNSUPPORTED_WHEN_SET = (
     "megatron_config",
     "eva_config", "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
-    "monteclora_config", "arrow_config", "kasa_config",
+    "monteclora_config", "arrow_config",
 )
 _UNSUPPORTED_WHEN_TRUE = ("use_qalora",)
 
@@ -79,7 +79,7 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
     match = "*" if all_linear else "re:" + targets if isinstance(targets, str) else tuple(sorted(targets or ()))
     hyper = dict(
         r=c.get("r", 8), alpha=c.get("lora_alpha", 8), dropout=c.get("lora_dropout", 0.0),
-        init=init, use_rslora=bool(c.get("use_rslora", False)), **rule_fields(c),
+        init=init, use_rslora=bool(c.get("use_rslora", False)), **rule_fields(c), kasa=_kasa_config(c),
     )
     rules = []
     excludes = c.get("exclude_modules")
@@ -126,6 +126,18 @@ def _bdlora(c: dict[str, Any]) -> dict[str, Any] | None:
         raise RuleError(f"LoraConfig.use_bdlora={value!r}: use a BdLoraConfig (target_modules_bd_a, "
                         "target_modules_bd_b, nblocks >= 1, match_strict).")
     return dict(value)
+
+
+def _kasa_config(c: dict[str, Any]) -> tuple[float, float] | None:
+    """PEFT's ``kasa_config`` (a ``KasaConfig`` or its dict form) as the Rule's ``(beta, gamma)``, or None."""
+    value = c.get("kasa_config")
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, dict) or set(value) - {"beta", "gamma"}:
+        raise RuleError(f"LoraConfig.kasa_config={value!r}: use a KasaConfig (beta, gamma).")
+    return value.get("beta", 1e-4), value.get("gamma", 1e-3)
 
 
 def _modules_to_save(c: dict[str, Any]) -> tuple[str, ...] | None:
@@ -293,7 +305,23 @@ def config_for_units(units: list, fan_in_fan_out: bool, base_model: str | None, 
         "fan_in_fan_out": fan_in_fan_out, "bias": bias, "use_rslora": rslora.pop(),
         "modules_to_save": None, "init_lora_weights": _init_for_peft(units), "layers_to_transform": None,
         "layers_pattern": None, **peft_fields(u.variant for u in units), "use_bdlora": _bdlora_for(units),
+        **_variant_config(units),
     }
+
+
+def _variant_config(units: list) -> dict[str, Any]:
+    """The variants' own PEFT config fields (``kasa_config``): PEFT has one value per adapter, for every unit."""
+    fields: dict[str, Any] = {}
+    for u in units:
+        for name, value in u.variant.peft_config_fields().items():
+            if fields.setdefault(name, value) != value:
+                raise CheckpointError(f"PEFT has one {name} per adapter; these units have {fields[name]} and {value}. "
+                                      "Save them as separate adapters.")
+    partial = [name for name in fields if not all(name in u.variant.peft_config_fields() for u in units)]
+    if partial:
+        raise CheckpointError(f"PEFT applies {partial[0]} to every target of an adapter; these units mix it with "
+                              "plain ones. Save them as separate adapters.")
+    return fields
 
 
 def _bdlora_for(units: list) -> dict[str, Any] | None:

@@ -70,6 +70,7 @@ class Rule(metaclass=_Checked):
     lora_bias: bool = False  # PEFT's lora_bias: B gets a bias, ``delta = s·(B A x + b)``
     out_slices: tuple[tuple[int, int], ...] | None = None  # output ranges with their own A and B (fused qkv)
     block_diagonal: tuple[str, int] | None = None  # BD-LoRA: ("A" or "B", nblocks), that factor block-diagonal
+    kasa: tuple[float, float] | None = None  # KaSA: (beta, gamma) of its regularizer; True for PEFT's defaults
 
     def __post_init__(self) -> None:
         patterns = (self.match,) if isinstance(self.match, str) else tuple(self.match)
@@ -117,6 +118,10 @@ class Rule(metaclass=_Checked):
                 raise RuleError(f"Rule {self.label}: block_diagonal (BD-LoRA) is plain LoRA with one factor "
                                 "block-diagonal; drop DoRA, lora_bias, out_slices or the init from W.")
             object.__setattr__(self, "block_diagonal", (side, n))
+        if self.kasa is not None and self.kasa is not False:
+            object.__setattr__(self, "kasa", _kasa(self))
+        else:
+            object.__setattr__(self, "kasa", None)
 
     @property
     def patterns(self) -> tuple[str, ...]:
@@ -145,6 +150,25 @@ class Rule(metaclass=_Checked):
         if not self.takes(kind):
             return []
         return [p for p in self.patterns if match_pattern(p, key)]
+
+
+KASA_DEFAULTS = (1e-4, 1e-3)  # PEFT's KasaConfig: beta, gamma
+
+
+def _kasa(rule: Rule) -> tuple[float, float]:
+    value = KASA_DEFAULTS if rule.kasa is True else rule.kasa
+    if isinstance(value, dict):
+        value = (value.get("beta", KASA_DEFAULTS[0]), value.get("gamma", KASA_DEFAULTS[1]))
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in value)
+    if not ok:
+        raise RuleError(f"Rule {rule.label}: kasa must be True or (beta, gamma) with finite beta, gamma >= 0, got "
+                        f"{rule.kasa!r}.")
+    if rule.use_dora or rule.lora_bias or rule.out_slices or rule.block_diagonal or inits.is_weight_init(rule.init) \
+            or rule.init in ("mica", "orthogonal"):
+        raise RuleError(f"Rule {rule.label}: KaSA truncates W and adds a learned diagonal between A and B; drop "
+                        "DoRA, lora_bias, out_slices, block_diagonal or the init from W (PEFT has no such mix).")
+    return float(value[0]), float(value[1])
 
 
 def _bd_side(bdlora: dict[str, Any], key: str) -> str | None:

@@ -20,6 +20,7 @@ from .base import PLAIN, Variant
 from .bdlora import BdLora
 from .biased import BIASED, Biased
 from .dora import DORA, DoRA
+from .kasa import Kasa
 from .mica import MICA, MiCA
 from .sliced import Sliced
 
@@ -34,6 +35,8 @@ def resolve(rule: Any) -> Variant:
     """The variant a (validated) rule asks for."""
     if rule.init == "mica":
         return MICA
+    if rule.kasa:
+        return Kasa(*rule.kasa)
     if rule.block_diagonal:
         return BdLora(*rule.block_diagonal)
     if rule.use_dora:
@@ -64,5 +67,5 @@ def mixed(variants: Iterable[Variant]) -> list[str]:
             if len({type(v) is cls for v in variants}) > 1]
 
 
-__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Sliced", "resolve", "peft_fields",
+__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Kasa", "Sliced", "resolve", "peft_fields",
            "rule_fields", "mixed", "PEFT_FIELDS"]

@@ -41,6 +41,7 @@ class Variant:
     stacks = True  # it merges into W together with other adapters on the same key
     casts_output = True  # its branch output is cast back to the base dtype by the insert pass
     frozen: tuple[str, ...] = ()  # unit tensors that never train (MiCA's B)
+    exclusive = False  # its adapters cannot share a model with adapters of other variants (KaSA, as PEFT)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -78,6 +79,14 @@ class Variant:
 
     def init(self, unit: LoraUnit, weight: torch.Tensor) -> None:
         """What the variant sets from the base weight once A and B are initialised."""
+
+    def residual(self, unit: LoraUnit, weight: torch.Tensor) -> torch.Tensor | None:
+        """What the base weight becomes when the adapter is added (None: it stays; KaSA truncates it)."""
+        return None
+
+    def regularization(self, unit: LoraUnit) -> torch.Tensor | None:
+        """An auxiliary loss term the variant's method trains with (None: none; ``lm.variant_loss()`` sums them)."""
+        return None
 
     # ---- weights ---------------------------------------------------------------------------------------
     def whole_b(self, unit: LoraUnit, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,6 +134,10 @@ class Variant:
     def loaded_tensors(self, unit: LoraUnit, tensors: dict[str, torch.Tensor], source: Any) -> dict[str, torch.Tensor]:
         """The inverse of ``saved_tensors`` for values read from a file (refusing what does not fit)."""
         return tensors
+
+    def peft_config_fields(self) -> dict[str, Any]:
+        """PEFT config fields that make PEFT build this variant (beyond the boolean ones in ``PEFT_FIELDS``)."""
+        return {}
 
     def peft_metadata(self, unit: LoraUnit) -> dict[str, Any] | None:
         """What lora_fx records beside PEFT's tensors to read the unit back as this variant (None: nothing)."""

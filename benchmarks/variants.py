@@ -26,7 +26,7 @@ BATCH, SEQ = 4, 128
 
 
 def configs() -> dict[str, dict]:
-    from peft.tuners.lora.config import BdLoraConfig, KasaConfig
+    from peft.tuners.lora.config import BdLoraConfig, KasaConfig, VeloraConfig
 
     return {
         "plain LoRA": {},
@@ -34,6 +34,7 @@ def configs() -> dict[str, dict]:
                                                            target_modules_bd_b=["q_proj", "k_proj", "v_proj",
                                                                                 "gate_proj", "up_proj"], nblocks=2)},
         "KaSA": {"kasa_config": KasaConfig()},
+        "VeLoRA (64 groups)": {"velora_config": VeloraConfig()},
     }
 
 

@@ -426,3 +426,55 @@ def test_kasa_training_lowers_the_regularized_loss():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert any(u.lora_diag.grad is not None for u in lm.adapters.units("default").values())
+
+
+@pytest.mark.parametrize("init_type", ["batch_average", "batch_average_once", "random"])
+def test_velora_gradients_and_projection_equal_peft(init_type, tmp_path):
+    """PEFT's VeLoRA: the same forward, the same compressed-activation gradients of A (exact ones for B), the same
+    projection vector after each training step, plain LoRA in eval; checkpoints both ways."""
+    import copy
+
+    from peft.tuners.lora.config import VeloraConfig
+
+    c = ZOO["llama"]
+    model, ids = c.build(), c.inputs()[0]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
+                        velora_config=VeloraConfig(num_groups=5, scale=0.5, init_type=init_type))
+    torch.manual_seed(5)
+    pm = get_peft_model(copy.deepcopy(model), config).train()
+    torch.manual_seed(5)
+    lm = lora_fx.lorafy(copy.deepcopy(model), config, example_inputs=(ids,)).train()
+    with torch.no_grad():
+        for m in (pm, lm):
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (pm, lm)]
+    for step in range(2):
+        for m, opt in zip((pm, lm), opts):
+            opt.zero_grad()
+            m(ids, labels=(ids + step) % 64).loss.backward()
+        for key, unit in lm.adapters.units("default").items():
+            layer = pm.base_model.model.get_submodule(key)
+            assert torch.allclose(unit.dropout.embed, layer.lora_velora_embed["default"], atol=1e-6), key
+            assert rel_err(unit.lora_A.grad, layer.lora_A["default"].weight.grad) < 1e-5, key
+            assert rel_err(unit.lora_B.grad, layer.lora_B["default"].weight.grad) < 1e-5, key
+        for opt in opts:
+            opt.step()
+    pm.eval(), lm.eval()
+    with torch.no_grad():
+        want = pm(ids).logits
+        assert rel_err(lm(ids).logits, want) < 1e-5
+    lm.save_pretrained(tmp_path / "mine")
+    back = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "mine").eval()
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, want) < 1e-5
+    for key, unit in lm.adapters.units("default").items():
+        assert torch.equal(back.base_model.model.get_submodule(key).lora_velora_embed["default"], unit.dropout.embed)
+    pm.save_pretrained(tmp_path / "peft")
+    loaded = lora_fx.from_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(ids,)).eval()
+    with torch.no_grad():
+        assert rel_err(loaded(ids).logits, want) < 1e-5
+        loaded.merge()
+        assert rel_err(loaded(ids).logits, want) < 1e-5
+    assert loaded.peft_config["default"].velora_config.num_groups == 5

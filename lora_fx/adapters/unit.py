@@ -88,7 +88,7 @@ class LoraUnit(nn.Module):
 
     @property
     def dropout_p(self) -> float:
-        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        return float(getattr(self.dropout, "p", 0.0))
 
     def reset_parameters(self) -> None:
         """PEFT's random init for this kind (an init from W draws only what PEFT draws; ``variants.inits``)."""

@@ -27,7 +27,7 @@ from ..variants import inits, mixed, peft_fields, rule_fields
 # Options that change what PEFT builds and that this version does not reproduce: refuse, never ignore.
 _UNSUPPORTED_WHEN_SET = (
     "megatron_config",
-    "eva_config", "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
+    "eva_config", "corda_config", "lora_ga_config", "alora_invocation_tokens",
     "monteclora_config", "arrow_config",
 )
 _UNSUPPORTED_WHEN_TRUE = ("use_qalora",)
@@ -79,7 +79,8 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
     match = "*" if all_linear else "re:" + targets if isinstance(targets, str) else tuple(sorted(targets or ()))
     hyper = dict(
         r=c.get("r", 8), alpha=c.get("lora_alpha", 8), dropout=c.get("lora_dropout", 0.0),
-        init=init, use_rslora=bool(c.get("use_rslora", False)), **rule_fields(c), kasa=_kasa_config(c),
+        init=init, use_rslora=bool(c.get("use_rslora", False)), **rule_fields(c), kasa=_sub_config(c, "kasa_config"),
+        velora=_sub_config(c, "velora_config"),
     )
     rules = []
     excludes = c.get("exclude_modules")
@@ -128,16 +129,22 @@ def _bdlora(c: dict[str, Any]) -> dict[str, Any] | None:
     return dict(value)
 
 
-def _kasa_config(c: dict[str, Any]) -> tuple[float, float] | None:
-    """PEFT's ``kasa_config`` (a ``KasaConfig`` or its dict form) as the Rule's ``(beta, gamma)``, or None."""
-    value = c.get("kasa_config")
+_SUB_CONFIGS = {"kasa_config": ("KasaConfig", ("beta", "gamma")),
+                "velora_config": ("VeloraConfig", ("num_groups", "scale", "init_type"))}
+
+
+def _sub_config(c: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """A variant's PEFT sub-config (``KasaConfig``, ``VeloraConfig`` or its dict form) as a dict for its Rule field
+    (the Rule fills PEFT's defaults and checks the values), or None."""
+    value = c.get(name)
     if value is None:
         return None
     if dataclasses.is_dataclass(value):
         value = dataclasses.asdict(value)
-    if not isinstance(value, dict) or set(value) - {"beta", "gamma"}:
-        raise RuleError(f"LoraConfig.kasa_config={value!r}: use a KasaConfig (beta, gamma).")
-    return value.get("beta", 1e-4), value.get("gamma", 1e-3)
+    cls, fields = _SUB_CONFIGS[name]
+    if not isinstance(value, dict) or set(value) - set(fields):
+        raise RuleError(f"LoraConfig.{name}={value!r}: use a {cls} ({', '.join(fields)}).")
+    return dict(value)
 
 
 def _modules_to_save(c: dict[str, Any]) -> tuple[str, ...] | None:

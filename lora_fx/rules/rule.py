@@ -71,6 +71,7 @@ class Rule(metaclass=_Checked):
     out_slices: tuple[tuple[int, int], ...] | None = None  # output ranges with their own A and B (fused qkv)
     block_diagonal: tuple[str, int] | None = None  # BD-LoRA: ("A" or "B", nblocks), that factor block-diagonal
     kasa: tuple[float, float] | None = None  # KaSA: (beta, gamma) of its regularizer; True for PEFT's defaults
+    velora: tuple[int, float, str] | None = None  # VeLoRA: (num_groups, scale, init_type); True for PEFT's defaults
 
     def __post_init__(self) -> None:
         patterns = (self.match,) if isinstance(self.match, str) else tuple(self.match)
@@ -118,10 +119,10 @@ class Rule(metaclass=_Checked):
                 raise RuleError(f"Rule {self.label}: block_diagonal (BD-LoRA) is plain LoRA with one factor "
                                 "block-diagonal; drop DoRA, lora_bias, out_slices or the init from W.")
             object.__setattr__(self, "block_diagonal", (side, n))
-        if self.kasa is not None and self.kasa is not False:
-            object.__setattr__(self, "kasa", _kasa(self))
-        else:
-            object.__setattr__(self, "kasa", None)
+        object.__setattr__(self, "kasa", _kasa(self) if self.kasa not in (None, False) else None)
+        object.__setattr__(self, "velora", _velora(self) if self.velora not in (None, False) else None)
+        if self.kasa and self.velora:
+            raise RuleError(f"Rule {self.label}: KaSA and VeLoRA are separate PEFT variants; choose one.")
 
     @property
     def patterns(self) -> tuple[str, ...]:
@@ -169,6 +170,28 @@ def _kasa(rule: Rule) -> tuple[float, float]:
         raise RuleError(f"Rule {rule.label}: KaSA truncates W and adds a learned diagonal between A and B; drop "
                         "DoRA, lora_bias, out_slices, block_diagonal or the init from W (PEFT has no such mix).")
     return float(value[0]), float(value[1])
+
+
+VELORA_DEFAULTS = (64, 1.0, "batch_average")  # PEFT's VeloraConfig: num_groups, scale, init_type
+VELORA_INITS = ("batch_average", "batch_average_once", "random")
+
+
+def _velora(rule: Rule) -> tuple[int, float, str]:
+    value = VELORA_DEFAULTS if rule.velora is True else rule.velora
+    if isinstance(value, dict):
+        value = tuple(value.get(k, d) for k, d in zip(("num_groups", "scale", "init_type"), VELORA_DEFAULTS))
+    ok = isinstance(value, (tuple, list)) and len(value) == 3
+    groups, scale, init = value if ok else (None, None, None)
+    if not (ok and isinstance(groups, int) and not isinstance(groups, bool) and groups > 0
+            and isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0
+            and init in VELORA_INITS):
+        raise RuleError(f"Rule {rule.label}: velora must be True or (num_groups > 0, scale > 0, init_type in "
+                        f"{VELORA_INITS}), got {rule.velora!r}.")
+    if rule.use_dora or rule.lora_bias or rule.out_slices or rule.block_diagonal or inits.is_weight_init(rule.init) \
+            or rule.init == "mica":
+        raise RuleError(f"Rule {rule.label}: VeLoRA is plain LoRA with a compressed backward; drop DoRA, lora_bias, "
+                        "out_slices, block_diagonal or the init from W (PEFT has no such mix).")
+    return groups, float(scale), init
 
 
 def _bd_side(bdlora: dict[str, Any], key: str) -> str | None:

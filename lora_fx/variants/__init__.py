@@ -23,6 +23,7 @@ from .dora import DORA, DoRA
 from .kasa import Kasa
 from .mica import MICA, MiCA
 from .sliced import Sliced
+from .velora import Velora
 
 # PEFT's LoraConfig field that selects each variant (a variant not listed has none: plain LoRA, slices)
 PEFT_FIELDS = {DoRA: "use_dora", Biased: "lora_bias"}
@@ -37,6 +38,8 @@ def resolve(rule: Any) -> Variant:
         return MICA
     if rule.kasa:
         return Kasa(*rule.kasa)
+    if rule.velora:
+        return Velora(*rule.velora)
     if rule.block_diagonal:
         return BdLora(*rule.block_diagonal)
     if rule.use_dora:
@@ -67,5 +70,5 @@ def mixed(variants: Iterable[Variant]) -> list[str]:
             if len({type(v) is cls for v in variants}) > 1]
 
 
-__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Kasa", "Sliced", "resolve", "peft_fields",
-           "rule_fields", "mixed", "PEFT_FIELDS"]
+__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Kasa", "Velora", "Sliced", "resolve",
+           "peft_fields", "rule_fields", "mixed", "PEFT_FIELDS"]

@@ -3,7 +3,8 @@
 Setting: the issue's tiny Llama (hidden 512, 4 layers, vocab 8000), batch 4 x 128; r=16, alpha=32 on all seven
 projections; each variant's PEFT config with ``init_lora_weights=False`` (nonzero B), saved by PEFT and loaded by
 ``lora_fx.from_peft``, so both hold the same adapters (losses checked to 1e-5 relative first). A step = forward +
-the model's loss (+ the variant's regularizer where it has one) + backward + fused AdamW on the adapters; eager.
+the model's loss (+ the variant's regularizer where it has one) + backward + fused AdamW on the adapters; eager,
+training mode.
 Interleaved rounds, medians, and the range over rounds.
 
     python benchmarks/variants.py [--rounds 12] [--variants bdlora kasa]
@@ -64,6 +65,7 @@ def one_variant(name: str, extra: dict, rounds: int) -> dict:
     with torch.no_grad():
         want, got = peft(input_ids=ids, labels=ids).loss, lm(input_ids=ids, labels=ids).loss
     assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item()), (name, got.item(), want.item())
+    peft.train(), lm.train()  # training mode: VeLoRA's compressed backward runs only there
     times = interleaved_times({"PEFT": stepper(peft, ids, peft_reg), "lora_fx": stepper(lm, ids, lm.variant_loss)},
                               rounds)
     ratios = sorted(a / b for a, b in zip(times["lora_fx"], times["PEFT"]))

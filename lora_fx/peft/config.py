@@ -81,6 +81,7 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
         r=c.get("r", 8), alpha=c.get("lora_alpha", 8), dropout=c.get("lora_dropout", 0.0),
         init=init, use_rslora=bool(c.get("use_rslora", False)), **rule_fields(c), kasa=_sub_config(c, "kasa_config"),
         velora=_sub_config(c, "velora_config"),
+        loftq=(c.get("loftq_config") or None) if init == "loftq" else None,
     )
     rules = []
     excludes = c.get("exclude_modules")
@@ -350,7 +351,7 @@ def _bdlora_for(units: list) -> dict[str, Any] | None:
 
 def _init_for_peft(units: list) -> bool | str:
     """Inits from W keep their scheme, so PEFT re-derives the residual base when loading them."""
-    schemes = {u.init for u in units if inits.is_weight_init(u.init) or u.init == "mica"}
+    schemes = {u.init for u in units if inits.is_weight_init(u.init) or u.init in inits.VARIANT_INITS}
     if len(schemes) > 1 or (schemes and len(schemes) != len({u.init for u in units})):
         raise CheckpointError(f"PEFT cannot express an adapter that mixes inits {sorted(map(str, schemes))} with "
                               "others; save them as separate adapters.")

@@ -72,6 +72,7 @@ class Rule(metaclass=_Checked):
     block_diagonal: tuple[str, int] | None = None  # BD-LoRA: ("A" or "B", nblocks), that factor block-diagonal
     kasa: tuple[float, float] | None = None  # KaSA: (beta, gamma) of its regularizer; True for PEFT's defaults
     velora: tuple[int, float, str] | None = None  # VeLoRA: (num_groups, scale, init_type); True for PEFT's defaults
+    loftq: tuple[int, int] | None = None  # init="loftq": (bits 4 or 8, iterations); default (4, 1)
 
     def __post_init__(self) -> None:
         patterns = (self.match,) if isinstance(self.match, str) else tuple(self.match)
@@ -121,6 +122,7 @@ class Rule(metaclass=_Checked):
             object.__setattr__(self, "block_diagonal", (side, n))
         object.__setattr__(self, "kasa", _kasa(self) if self.kasa not in (None, False) else None)
         object.__setattr__(self, "velora", _velora(self) if self.velora not in (None, False) else None)
+        object.__setattr__(self, "loftq", _loftq(self) if self.init == "loftq" else None)
         if self.kasa and self.velora:
             raise RuleError(f"Rule {self.label}: KaSA and VeLoRA are separate PEFT variants; choose one.")
 
@@ -192,6 +194,20 @@ def _velora(rule: Rule) -> tuple[int, float, str]:
         raise RuleError(f"Rule {rule.label}: VeLoRA is plain LoRA with a compressed backward; drop DoRA, lora_bias, "
                         "out_slices, block_diagonal or the init from W (PEFT has no such mix).")
     return groups, float(scale), init
+
+
+def _loftq(rule: Rule) -> tuple[int, int]:
+    value = rule.loftq if rule.loftq is not None else (4, 1)
+    if isinstance(value, dict):
+        value = (value.get("loftq_bits", 4), value.get("loftq_iter", 1))
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or value[0] not in (4, 8) or value[1] < 1:
+        raise RuleError(f"Rule {rule.label}: loftq must be (bits in (4, 8), iterations >= 1), got {rule.loftq!r}.")
+    if rule.use_dora or rule.lora_bias or rule.out_slices or rule.block_diagonal or rule.kasa or rule.velora:
+        raise RuleError(f"Rule {rule.label}: init='loftq' is plain LoRA from W's quantization error; drop DoRA, "
+                        "lora_bias, out_slices, block_diagonal, KaSA or VeLoRA.")
+    return int(value[0]), int(value[1])
 
 
 def _bd_side(bdlora: dict[str, Any], key: str) -> str | None:

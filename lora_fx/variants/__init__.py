@@ -21,6 +21,7 @@ from .bdlora import BdLora
 from .biased import BIASED, Biased
 from .dora import DORA, DoRA
 from .kasa import Kasa
+from .loftq import Loftq
 from .mica import MICA, MiCA
 from .sliced import Sliced
 from .velora import Velora
@@ -36,6 +37,8 @@ def resolve(rule: Any) -> Variant:
     """The variant a (validated) rule asks for."""
     if rule.init == "mica":
         return MICA
+    if rule.init == "loftq":
+        return Loftq(*rule.loftq)
     if rule.kasa:
         return Kasa(*rule.kasa)
     if rule.velora:
@@ -70,5 +73,5 @@ def mixed(variants: Iterable[Variant]) -> list[str]:
             if len({type(v) is cls for v in variants}) > 1]
 
 
-__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Kasa", "Velora", "Sliced", "resolve",
-           "peft_fields", "rule_fields", "mixed", "PEFT_FIELDS"]
+__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Kasa", "Velora", "Loftq", "Sliced",
+           "resolve", "peft_fields", "rule_fields", "mixed", "PEFT_FIELDS"]

@@ -31,10 +31,11 @@ from ..errors import RuleError
 if TYPE_CHECKING:
     from ..adapters.unit import LoraUnit
 
-RANDOM_INITS = (True, False, "default", "gaussian", "orthogonal", "mica")
+RANDOM_INITS = (True, False, "default", "gaussian", "orthogonal")
+VARIANT_INITS = ("mica", "loftq")  # inits that are variants of their own (``variants.mica``, ``variants.loftq``)
 WEIGHT_INITS = ("pissa", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")
-NAMES = (*RANDOM_INITS, *WEIGHT_INITS, "pissa_niter_<K>")
+NAMES = (*RANDOM_INITS, *VARIANT_INITS, *WEIGHT_INITS, "pissa_niter_<K>")
 
 
 def is_weight_init(init: object) -> bool:
@@ -43,13 +44,13 @@ def is_weight_init(init: object) -> bool:
 
 
 def is_init(init: object) -> bool:
-    return (isinstance(init, (bool, str)) and init in RANDOM_INITS) or is_weight_init(init)
+    return (isinstance(init, (bool, str)) and init in (*RANDOM_INITS, *VARIANT_INITS)) or is_weight_init(init)
 
 
 def random_part(init: bool | str) -> bool | str:
     """What the kind's random init draws for ``init``: a weight init or the orthogonal one keeps the first draw only
     (PEFT's order: the layers' own init, then the scheme's)."""
-    return False if is_weight_init(init) or init in ("orthogonal", "mica") else init
+    return False if is_weight_init(init) or init in ("orthogonal", *VARIANT_INITS) else init
 
 
 @torch.no_grad()

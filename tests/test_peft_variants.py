@@ -1,0 +1,211 @@
+"""PEFT 0.21's newer LoRA variants against PEFT: KaSA, VeLoRA and LoftQ (draws, truncations and quantization
+residuals at init, outputs, gradients, merges, checkpoints both ways)."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from helpers import rel_err
+from peft import LoraConfig, PeftModel, get_peft_model
+from zoo import ZOO
+
+import lora_fx
+from lora_fx import Rule
+
+
+def test_kasa_equals_peft_from_truncation_to_checkpoints(tmp_path):
+    """PEFT's KaSA: the same truncated base weights and draws at init, the same outputs, gradients and regularizer
+    with nonzero B, merge, checkpoints both ways; the variant refuses what PEFT refuses."""
+    from peft.tuners.lora.config import KasaConfig
+
+    c = ZOO["llama"]
+    model, ids = c.build(), c.inputs()[0]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        kasa_config=KasaConfig(beta=1e-3, gamma=1e-2))
+    torch.manual_seed(5)
+    pm = get_peft_model(copy.deepcopy(model), config)
+    torch.manual_seed(5)
+    lm = lora_fx.lorafy(copy.deepcopy(model), config, example_inputs=(ids,))
+    base = lm.get_base_model()
+    for key, unit in lm.adapters.units("default").items():
+        layer = pm.base_model.model.get_submodule(key)
+        assert torch.equal(unit.lora_A, layer.lora_A["default"].weight), key
+        assert torch.equal(unit.lora_diag, layer.lora_diag["default"]), key
+        assert torch.equal(base.get_submodule(key).weight, layer.base_layer.weight), key  # W without its r minor
+        assert not torch.equal(base.get_submodule(key).weight, model.get_submodule(key).weight)
+    with torch.no_grad():
+        for m in (pm, lm):
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    losses = [m(ids, labels=ids).loss + (m.base_model._get_kasa_loss() if m is pm else m.variant_loss())
+              for m in (pm, lm)]
+    assert rel_err(losses[1], losses[0]) < 1e-6
+    for loss in losses:
+        loss.backward()
+    for key, unit in lm.adapters.units("default").items():
+        layer = pm.base_model.model.get_submodule(key)
+        pairs = [(unit.lora_A, layer.lora_A["default"].weight), (unit.lora_B, layer.lora_B["default"].weight),
+                 (unit.lora_diag, layer.lora_diag["default"])]
+        for mine, theirs in pairs:
+            assert rel_err(mine.grad, theirs.grad) < 1e-5, key
+    pm.eval(), lm.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        want = pm(ids).logits
+        assert rel_err(lm(ids).logits, want) < 1e-6
+        loaded = lora_fx.from_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(ids,)).eval()
+        assert rel_err(loaded(ids).logits, want) < 1e-6
+        loaded.merge()
+        assert rel_err(loaded(ids).logits, want) < 1e-5
+        loaded.unmerge()
+        assert rel_err(loaded(ids).logits, want) < 1e-6
+    loaded.save_pretrained(tmp_path / "mine")
+    back = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "mine").eval()
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, want) < 1e-6
+    assert loaded.peft_config["default"].kasa_config.gamma == 1e-2
+    with pytest.raises(lora_fx.AdapterError, match="KaSA rewrites the base weights"):
+        loaded.add_adapter("plain", Rule("o_proj", r=2))
+    with pytest.raises(lora_fx.RuleError, match="r < min"):
+        lora_fx.lorafy(ZOO["mlp"].build(), Rule("head", r=5, kasa=True))
+    with pytest.raises(lora_fx.RuleError, match="KaSA on"):
+        lora_fx.lorafy(ZOO["gpt2"].build(), Rule("c_attn", r=2, kasa=True), **ZOO["gpt2"].lorafy_kwargs())
+
+
+def test_kasa_training_lowers_the_regularized_loss():
+    c = ZOO["llama"]
+    ids = c.inputs()[0]
+    lm = lora_fx.lorafy(c.build(), Rule(["q_proj", "v_proj"], r=4, kasa=(1e-3, 1e-2)), example_inputs=(ids,))
+    opt = torch.optim.AdamW(lm.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = lm(ids, labels=ids).loss + lm.variant_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert any(u.lora_diag.grad is not None for u in lm.adapters.units("default").values())
+
+
+@pytest.mark.parametrize("init_type", ["batch_average", "batch_average_once", "random"])
+def test_velora_gradients_and_projection_equal_peft(init_type, tmp_path):
+    """PEFT's VeLoRA: the same forward, the same compressed-activation gradients of A (exact ones for B), the same
+    projection vector after each training step, plain LoRA in eval; checkpoints both ways."""
+    from peft.tuners.lora.config import VeloraConfig
+
+    c = ZOO["llama"]
+    model, ids = c.build(), c.inputs()[0]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
+                        velora_config=VeloraConfig(num_groups=5, scale=0.5, init_type=init_type))
+    torch.manual_seed(5)
+    pm = get_peft_model(copy.deepcopy(model), config).train()
+    torch.manual_seed(5)
+    lm = lora_fx.lorafy(copy.deepcopy(model), config, example_inputs=(ids,)).train()
+    with torch.no_grad():
+        for m in (pm, lm):
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (pm, lm)]
+    for step in range(2):
+        for m, opt in zip((pm, lm), opts):
+            opt.zero_grad()
+            m(ids, labels=(ids + step) % 64).loss.backward()
+        for key, unit in lm.adapters.units("default").items():
+            layer = pm.base_model.model.get_submodule(key)
+            assert torch.allclose(unit.dropout.embed, layer.lora_velora_embed["default"], atol=1e-6), key
+            assert rel_err(unit.lora_A.grad, layer.lora_A["default"].weight.grad) < 1e-5, key
+            assert rel_err(unit.lora_B.grad, layer.lora_B["default"].weight.grad) < 1e-5, key
+        for opt in opts:
+            opt.step()
+    pm.eval(), lm.eval()
+    with torch.no_grad():
+        want = pm(ids).logits
+        assert rel_err(lm(ids).logits, want) < 1e-5
+    lm.save_pretrained(tmp_path / "mine")
+    back = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "mine").eval()
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, want) < 1e-5
+    for key, unit in lm.adapters.units("default").items():
+        assert torch.equal(back.base_model.model.get_submodule(key).lora_velora_embed["default"], unit.dropout.embed)
+    pm.save_pretrained(tmp_path / "peft")
+    loaded = lora_fx.from_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(ids,)).eval()
+    with torch.no_grad():
+        assert rel_err(loaded(ids).logits, want) < 1e-5
+        loaded.merge()
+        assert rel_err(loaded(ids).logits, want) < 1e-5
+    assert loaded.peft_config["default"].velora_config.num_groups == 5
+
+
+@contextlib.contextmanager
+def peft_loftq_on_cpu():
+    """PEFT's ``loftq_init`` computes on "cuda" or "xpu" only: run PEFT's own code on this CPU by answering its
+    "xpu" with "cpu" (torch tensors and bitsandbytes' Params4bit)."""
+    import bitsandbytes as bnb
+    import peft.utils.loftq_utils as loftq_utils
+
+    def cpu(args, kwargs):
+        return (tuple("cpu" if a == "xpu" else a for a in args),
+                {k: "cpu" if v == "xpu" else v for k, v in kwargs.items()})
+
+    tensor_to, params_to, xpu = torch.Tensor.to, bnb.nn.Params4bit.to, loftq_utils.is_xpu_available
+
+    def to_tensor(self, *a, **k):
+        a, k = cpu(a, k)
+        return tensor_to(self, *a, **k)
+
+    def to_params(self, *a, **k):
+        a, k = cpu(a, k)
+        return params_to(self, *a, **k)
+
+    torch.Tensor.to, bnb.nn.Params4bit.to, loftq_utils.is_xpu_available = to_tensor, to_params, lambda: True
+    try:
+        yield
+    finally:
+        torch.Tensor.to, bnb.nn.Params4bit.to, loftq_utils.is_xpu_available = tensor_to, params_to, xpu
+
+
+@pytest.mark.parametrize("bits,iters", [(4, 1), (4, 3), (8, 2)])
+def test_loftq_equals_peft(bits, iters, tmp_path):
+    """LoftQ: the same quantized base weights and A, B as PEFT's loftq_init (run on this CPU), outputs, merge, the
+    config both ways; lora_fx re-derives the base from the original weights when loading."""
+    pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora.config import LoftQConfig
+
+    c = ZOO["llama"]
+    model, ids = c.build(), c.inputs()[0]
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"], init_lora_weights="loftq",
+                        loftq_config=LoftQConfig(loftq_bits=bits, loftq_iter=iters))
+    with peft_loftq_on_cpu():
+        pm = get_peft_model(copy.deepcopy(model), config).eval()
+    lm = lora_fx.lorafy(copy.deepcopy(model), config, example_inputs=(ids,)).eval()
+    base = lm.get_base_model()
+    for key, unit in lm.adapters.units("default").items():
+        layer = pm.base_model.model.get_submodule(key)
+        assert rel_err(base.get_submodule(key).weight, layer.base_layer.weight) < 1e-6, key
+        assert rel_err(unit.lora_A, layer.lora_A["default"].weight) < 1e-5, key
+        assert rel_err(unit.lora_B, layer.lora_B["default"].weight) < 1e-5, key
+    with torch.no_grad():
+        want, full = pm(ids).logits, model(ids).logits
+        assert rel_err(lm(ids).logits, want) < 1e-5
+        assert rel_err(lm(ids).logits, full) < rel_err(lm.get_base_model()(ids).logits, full)  # A, B restore W
+        lm.merge()
+        assert rel_err(lm(ids).logits, want) < 1e-5
+        lm.unmerge()
+    lm.save_pretrained(tmp_path)
+    assert lm.peft_config["default"].loftq_config == {"loftq_bits": bits, "loftq_iter": iters}
+    assert lm.peft_config["default"].init_lora_weights == "loftq"
+    loaded = lora_fx.from_peft(copy.deepcopy(model), tmp_path, example_inputs=(ids,)).eval()
+    with torch.no_grad():
+        assert rel_err(loaded(ids).logits, want) < 1e-5
+    with peft_loftq_on_cpu():
+        back = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, want) < 1e-5
+    with pytest.raises(lora_fx.RuleError, match="loftq"):
+        lora_fx.lorafy(ZOO["gpt2"].build(), Rule("c_attn", r=2, init="loftq"), **ZOO["gpt2"].lorafy_kwargs())
+    with pytest.raises(lora_fx.RuleError, match="bits in"):
+        Rule("q_proj", init="loftq", loftq=(3, 1))

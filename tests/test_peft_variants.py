@@ -209,3 +209,57 @@ def test_loftq_equals_peft(bits, iters, tmp_path):
         lora_fx.lorafy(ZOO["gpt2"].build(), Rule("c_attn", r=2, init="loftq"), **ZOO["gpt2"].lorafy_kwargs())
     with pytest.raises(lora_fx.RuleError, match="bits in"):
         Rule("q_proj", init="loftq", loftq=(3, 1))
+
+
+@pytest.mark.parametrize("direction,scale", [("ArB2r", "stable"), ("ArBr", "weight_svd"), ("A2rBr", "gd_scale"),
+                                             ("random", "unit")])
+def test_lora_ga_equals_peft(direction, scale, tmp_path):
+    """LoRA-GA: the same averaged gradients (PEFT's preprocess_loraga and ours, from a train_step or from batches),
+    the same A, B and base residual W - s·B A at init (outputs unchanged), merge back to W; a loaded adapter keeps
+    its file's tensors."""
+    from peft.tuners.lora.config import LoraGAConfig
+    from peft.tuners.lora.loraga import preprocess_loraga as peft_preprocess
+
+    c = ZOO["gpt2" if direction == "ArBr" else "llama"]
+    model, ids = c.build(), c.inputs()[0]
+    targets = ["c_attn", "c_fc"] if direction == "ArBr" else ["q_proj", "v_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="lora_ga",
+                        lora_ga_config=LoraGAConfig(direction=direction, scale=scale, stable_gamma=4),
+                        fan_in_fan_out=c.fan_in_fan_out)
+    batches = [{"input_ids": ids, "labels": ids}, {"input_ids": ids.flip(1), "labels": ids.flip(1)}]
+    theirs, mine = copy.deepcopy(model), copy.deepcopy(model)
+
+    def train_step():
+        for b in batches:
+            theirs(**b).loss.backward()
+    torch.manual_seed(3)  # GPT-2's dropout runs in the gradient pass: the same masks in both
+    peft_preprocess(theirs, config, train_step)
+    torch.manual_seed(3)
+    lora_fx.preprocess_loraga(mine, config, batches)
+    for name, module in mine.named_modules():
+        if hasattr(module, "_peft_loraga_grad"):
+            assert rel_err(module._peft_loraga_grad, theirs.get_submodule(name)._peft_loraga_grad) < 1e-5, name
+    torch.manual_seed(7)
+    pm = get_peft_model(theirs, config).eval()
+    torch.manual_seed(7)
+    lm = lora_fx.lorafy(mine, config, **c.lorafy_kwargs()).eval()
+    base = lm.get_base_model()
+    for key, unit in lm.adapters.units("default").items():
+        layer = pm.base_model.model.get_submodule(key)
+        assert rel_err(unit.lora_A, layer.lora_A["default"].weight) < 1e-4, key
+        assert rel_err(unit.lora_B, layer.lora_B["default"].weight) < 1e-4, key
+        assert rel_err(base.get_submodule(key).weight, layer.base_layer.weight) < 1e-5, key
+    with torch.no_grad():
+        want = model(ids).logits
+        assert rel_err(lm(ids).logits, want) < 1e-5
+        assert rel_err(lm(ids).logits, pm(ids).logits) < 1e-5
+        lm.merge()
+        for key in lm.adapters.units("default"):
+            assert rel_err(base.get_submodule(key).weight, model.get_submodule(key).weight) < 1e-5, key
+        lm.unmerge()
+    lm.save_pretrained(tmp_path)
+    assert lm.peft_config["default"].init_lora_weights == "lora_ga"
+    loaded = lora_fx.from_peft(copy.deepcopy(model), tmp_path, **c.lorafy_kwargs())  # no gradients: PEFT's fallback
+    for key, unit in loaded.adapters.units("default").items():
+        assert torch.equal(unit.lora_A, lm.unit(key).lora_A)
+        assert torch.equal(loaded.get_base_model().get_submodule(key).weight, model.get_submodule(key).weight)

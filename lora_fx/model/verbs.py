@@ -99,7 +99,7 @@ def new_entry(state: LoraState, name: str, rules: RuleLike, autocast: bool,
                         dtype=adapter_dtype(compute_dtype(t, weight), autocast), variant=variant)
         unit.peft_key = peft_keys.get(key, key)
         unit.variant.init(unit, weight)
-        residual = unit.variant.residual(unit, weight)
+        residual = unit.variant.residual(unit, weight, _owner(cap.source, key))
         if is_weight_init(rule.init):  # PiSSA / OLoRA: A, B from W; the base keeps W - s·B A
             residual = svd_init(unit, weight)
         if residual is not None:
@@ -119,6 +119,14 @@ def new_entry(state: LoraState, name: str, rules: RuleLike, autocast: bool,
     entry.ties = ties
     entry.saved_ties = saved_ties(cap.source, saved) if ruleset.ensure_weight_tying else {}
     return entry, residuals
+
+
+def _owner(source: Any, key: str) -> Any:
+    """The model's module at ``key`` (None for a parameter target's key, which names a weight)."""
+    try:
+        return source.get_submodule(key)
+    except AttributeError:
+        return None
 
 
 def _refuse_exclusive_mix(state: LoraState, name: str, units: list) -> None:

@@ -27,7 +27,7 @@ from ..variants import inits, mixed, peft_fields, rule_fields
 # Options that change what PEFT builds and that this version does not reproduce: refuse, never ignore.
 _UNSUPPORTED_WHEN_SET = (
     "megatron_config",
-    "eva_config", "corda_config", "lora_ga_config", "alora_invocation_tokens",
+    "eva_config", "corda_config", "alora_invocation_tokens",
     "monteclora_config", "arrow_config",
 )
 _UNSUPPORTED_WHEN_TRUE = ("use_qalora",)
@@ -81,7 +81,8 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
         r=c.get("r", 8), alpha=c.get("lora_alpha", 8), dropout=c.get("lora_dropout", 0.0),
         init=init, use_rslora=bool(c.get("use_rslora", False)), **rule_fields(c), kasa=_sub_config(c, "kasa_config"),
         velora=_sub_config(c, "velora_config"),
-        loftq=(c.get("loftq_config") or None) if init == "loftq" else None,
+        loftq=_sub_config(c, "loftq_config") or None if init == "loftq" else None,
+        lora_ga=_sub_config(c, "lora_ga_config") if init == "lora_ga" else None,
     )
     rules = []
     excludes = c.get("exclude_modules")
@@ -131,7 +132,9 @@ def _bdlora(c: dict[str, Any]) -> dict[str, Any] | None:
 
 
 _SUB_CONFIGS = {"kasa_config": ("KasaConfig", ("beta", "gamma")),
-                "velora_config": ("VeloraConfig", ("num_groups", "scale", "init_type"))}
+                "velora_config": ("VeloraConfig", ("num_groups", "scale", "init_type")),
+                "loftq_config": ("LoftQConfig", ("loftq_bits", "loftq_iter")),
+                "lora_ga_config": ("LoraGAConfig", ("direction", "scale", "stable_gamma"))}
 
 
 def _sub_config(c: dict[str, Any], name: str) -> dict[str, Any] | None:

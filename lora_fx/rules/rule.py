@@ -73,6 +73,7 @@ class Rule(metaclass=_Checked):
     kasa: tuple[float, float] | None = None  # KaSA: (beta, gamma) of its regularizer; True for PEFT's defaults
     velora: tuple[int, float, str] | None = None  # VeLoRA: (num_groups, scale, init_type); True for PEFT's defaults
     loftq: tuple[int, int] | None = None  # init="loftq": (bits 4 or 8, iterations); default (4, 1)
+    lora_ga: tuple[str, str, int] | None = None  # init="lora_ga": (direction, scale, stable_gamma)
 
     def __post_init__(self) -> None:
         patterns = (self.match,) if isinstance(self.match, str) else tuple(self.match)
@@ -123,6 +124,7 @@ class Rule(metaclass=_Checked):
         object.__setattr__(self, "kasa", _kasa(self) if self.kasa not in (None, False) else None)
         object.__setattr__(self, "velora", _velora(self) if self.velora not in (None, False) else None)
         object.__setattr__(self, "loftq", _loftq(self) if self.init == "loftq" else None)
+        object.__setattr__(self, "lora_ga", _lora_ga(self) if self.init == "lora_ga" else None)
         if self.kasa and self.velora:
             raise RuleError(f"Rule {self.label}: KaSA and VeLoRA are separate PEFT variants; choose one.")
 
@@ -208,6 +210,26 @@ def _loftq(rule: Rule) -> tuple[int, int]:
         raise RuleError(f"Rule {rule.label}: init='loftq' is plain LoRA from W's quantization error; drop DoRA, "
                         "lora_bias, out_slices, block_diagonal, KaSA or VeLoRA.")
     return int(value[0]), int(value[1])
+
+
+LORA_GA_DEFAULTS = ("ArB2r", "stable", 16)  # PEFT's LoraGAConfig: direction, scale, stable_gamma
+LORA_GA_CHOICES = (("ArBr", "A2rBr", "ArB2r", "random"), ("stable", "weight_svd", "gd_scale", "unit"))
+
+
+def _lora_ga(rule: Rule) -> tuple[str, str, int]:
+    value = rule.lora_ga if rule.lora_ga is not None else LORA_GA_DEFAULTS
+    if isinstance(value, dict):
+        value = tuple(value.get(k, d) for k, d in zip(("direction", "scale", "stable_gamma"), LORA_GA_DEFAULTS))
+    ok = isinstance(value, (tuple, list)) and len(value) == 3
+    direction, scale, gamma = value if ok else (None, None, None)
+    if not (ok and direction in LORA_GA_CHOICES[0] and scale in LORA_GA_CHOICES[1] and isinstance(gamma, (int, float))
+            and not isinstance(gamma, bool) and gamma > 0):
+        raise RuleError(f"Rule {rule.label}: lora_ga must be (direction in {LORA_GA_CHOICES[0]}, scale in "
+                        f"{LORA_GA_CHOICES[1]}, stable_gamma > 0), got {rule.lora_ga!r}.")
+    if rule.use_dora or rule.lora_bias or rule.out_slices or rule.block_diagonal or rule.kasa or rule.velora:
+        raise RuleError(f"Rule {rule.label}: init='lora_ga' is plain LoRA from the weight's gradient; drop DoRA, "
+                        "lora_bias, out_slices, block_diagonal, KaSA or VeLoRA.")
+    return direction, scale, gamma
 
 
 def _bd_side(bdlora: dict[str, Any], key: str) -> str | None:

@@ -22,6 +22,7 @@ from .biased import BIASED, Biased
 from .dora import DORA, DoRA
 from .kasa import Kasa
 from .loftq import Loftq
+from .loraga import LoraGA
 from .mica import MICA, MiCA
 from .sliced import Sliced
 from .velora import Velora
@@ -39,6 +40,8 @@ def resolve(rule: Any) -> Variant:
         return MICA
     if rule.init == "loftq":
         return Loftq(*rule.loftq)
+    if rule.init == "lora_ga":
+        return LoraGA(*rule.lora_ga)
     if rule.kasa:
         return Kasa(*rule.kasa)
     if rule.velora:
@@ -73,5 +76,5 @@ def mixed(variants: Iterable[Variant]) -> list[str]:
             if len({type(v) is cls for v in variants}) > 1]
 
 
-__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Kasa", "Velora", "Loftq", "Sliced",
-           "resolve", "peft_fields", "rule_fields", "mixed", "PEFT_FIELDS"]
+__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Kasa", "Velora", "Loftq", "LoraGA",
+           "Sliced", "resolve", "peft_fields", "rule_fields", "mixed", "PEFT_FIELDS"]

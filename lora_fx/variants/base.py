@@ -80,8 +80,9 @@ class Variant:
     def init(self, unit: LoraUnit, weight: torch.Tensor) -> None:
         """What the variant sets from the base weight once A and B are initialised."""
 
-    def residual(self, unit: LoraUnit, weight: torch.Tensor) -> torch.Tensor | None:
-        """What the base weight becomes when the adapter is added (None: it stays; KaSA truncates it)."""
+    def residual(self, unit: LoraUnit, weight: torch.Tensor, source: nn.Module | None = None) -> torch.Tensor | None:
+        """What the base weight becomes when the adapter is added (None: it stays; KaSA truncates it). ``source``: the
+        model's module that owns the weight (data-driven inits read what was gathered on it), if there is one."""
         return None
 
     def regularization(self, unit: LoraUnit) -> torch.Tensor | None:

@@ -65,7 +65,7 @@ class Kasa(Variant):
         unit.lora_diag = nn.Parameter(torch.randn(unit.r, device=unit.lora_A.device, dtype=unit.lora_A.dtype))
 
     @torch.no_grad()
-    def residual(self, unit, weight):
+    def residual(self, unit, weight, source=None):
         u, s, vh = torch.linalg.svd(weight.detach().to(torch.float32), full_matrices=False)
         keep = s.shape[0] - unit.r
         return ((u[:, :keep] * s[:keep]) @ vh[:keep]).to(weight.dtype)

@@ -81,7 +81,7 @@ class Loftq(Variant):
                             "install bitsandbytes (or lora_fx[qlora]).") from None
 
     @torch.no_grad()
-    def residual(self, unit, weight):
+    def residual(self, unit, weight, source=None):
         q, a, b = loftq(weight, self.bits, unit.r, self.iters)
         unit.lora_A.copy_(a)
         unit.lora_B.copy_(b)

@@ -263,3 +263,51 @@ def test_lora_ga_equals_peft(direction, scale, tmp_path):
     for key, unit in loaded.adapters.units("default").items():
         assert torch.equal(unit.lora_A, lm.unit(key).lora_A)
         assert torch.equal(loaded.get_base_model().get_submodule(key).weight, model.get_submodule(key).weight)
+
+
+@pytest.mark.parametrize("name,method", [("llama", "ipm"), ("gpt2", "kpm")])
+def test_corda_equals_peft(name, method, tmp_path):
+    """CorDA: the same covariance eigens as PEFT's preprocess_corda (ours from batches, PEFT's from run_model), the
+    same A, B and residual base at init (outputs unchanged), merge back to W; cache files; no eigens: refused."""
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda as peft_preprocess
+
+    c = ZOO[name]
+    model, ids = c.build(), c.inputs()[0]
+    rows = [ids[i:i + 1] for i in range(ids.shape[0])]  # PEFT's hook takes one sample per call
+    targets = ["c_attn", "c_fc"] if name == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda", rank_pattern={
+        targets[0]: 2}, corda_config=CordaConfig(corda_method=method), fan_in_fan_out=c.fan_in_fan_out)
+    theirs, mine = copy.deepcopy(model), copy.deepcopy(model)
+
+    def run_model():
+        for row in rows:
+            theirs(row)
+    peft_preprocess(theirs, config, run_model=run_model)
+    lora_fx.preprocess_corda(mine, config, rows, cache_file=tmp_path / "eigens.pt")
+    for module_name, module in mine.named_modules():
+        if hasattr(module, "eigens"):
+            assert rel_err(module.eigens.S_WC, theirs.get_submodule(module_name).eigens.S_WC) < 1e-5, module_name
+    pm = get_peft_model(theirs, config).eval()
+    lm = lora_fx.lorafy(mine, config, **c.lorafy_kwargs()).eval()
+    base = lm.get_base_model()
+    for key, unit in lm.adapters.units("default").items():
+        layer = pm.base_model.model.get_submodule(key)
+        assert rel_err(unit.lora_A, layer.lora_A["default"].weight) < 1e-4, key
+        assert rel_err(unit.lora_B, layer.lora_B["default"].weight) < 1e-4, key
+        assert rel_err(base.get_submodule(key).weight, layer.base_layer.weight) < 1e-5, key
+    with torch.no_grad():
+        want = model(ids).logits
+        assert rel_err(lm(ids).logits, want) < 1e-5
+        lm.merge()
+        assert rel_err(lm(ids).logits, want) < 1e-5
+        lm.unmerge()
+    lm.save_pretrained(tmp_path / "adapter")
+    assert lm.peft_config["default"].corda_config.corda_method == method
+    with pytest.raises(lora_fx.RuleError, match="preprocess_corda"):
+        lora_fx.from_peft(copy.deepcopy(model), tmp_path / "adapter", **c.lorafy_kwargs())
+    fresh = copy.deepcopy(model)
+    lora_fx.preprocess_corda(fresh, config, cache_file=tmp_path / "eigens.pt")  # read back, no data
+    loaded = lora_fx.from_peft(fresh, tmp_path / "adapter", **c.lorafy_kwargs()).eval()
+    with torch.no_grad():
+        assert rel_err(loaded(ids).logits, lm(ids).logits) < 1e-5

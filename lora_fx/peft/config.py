@@ -27,7 +27,7 @@ from ..variants import inits, mixed, peft_fields, rule_fields
 # Options that change what PEFT builds and that this version does not reproduce: refuse, never ignore.
 _UNSUPPORTED_WHEN_SET = (
     "megatron_config",
-    "eva_config", "corda_config", "alora_invocation_tokens",
+    "eva_config", "alora_invocation_tokens",
     "monteclora_config", "arrow_config",
 )
 _UNSUPPORTED_WHEN_TRUE = ("use_qalora",)
@@ -83,6 +83,7 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
         velora=_sub_config(c, "velora_config"),
         loftq=_sub_config(c, "loftq_config") or None if init == "loftq" else None,
         lora_ga=_sub_config(c, "lora_ga_config") if init == "lora_ga" else None,
+        corda=_sub_config(c, "corda_config") if init == "corda" else None,
     )
     rules = []
     excludes = c.get("exclude_modules")
@@ -134,7 +135,9 @@ def _bdlora(c: dict[str, Any]) -> dict[str, Any] | None:
 _SUB_CONFIGS = {"kasa_config": ("KasaConfig", ("beta", "gamma")),
                 "velora_config": ("VeloraConfig", ("num_groups", "scale", "init_type")),
                 "loftq_config": ("LoftQConfig", ("loftq_bits", "loftq_iter")),
-                "lora_ga_config": ("LoraGAConfig", ("direction", "scale", "stable_gamma"))}
+                "lora_ga_config": ("LoraGAConfig", ("direction", "scale", "stable_gamma")),
+                "corda_config": ("CordaConfig", ("cache_file", "covariance_file", "corda_method", "verbose",
+                                                 "use_float16_for_covariance", "prune_temporary_fields"))}
 
 
 def _sub_config(c: dict[str, Any], name: str) -> dict[str, Any] | None:

@@ -74,6 +74,7 @@ class Rule(metaclass=_Checked):
     velora: tuple[int, float, str] | None = None  # VeLoRA: (num_groups, scale, init_type); True for PEFT's defaults
     loftq: tuple[int, int] | None = None  # init="loftq": (bits 4 or 8, iterations); default (4, 1)
     lora_ga: tuple[str, str, int] | None = None  # init="lora_ga": (direction, scale, stable_gamma)
+    corda: str | None = None  # init="corda": "ipm" (default) or "kpm"
 
     def __post_init__(self) -> None:
         patterns = (self.match,) if isinstance(self.match, str) else tuple(self.match)
@@ -125,6 +126,7 @@ class Rule(metaclass=_Checked):
         object.__setattr__(self, "velora", _velora(self) if self.velora not in (None, False) else None)
         object.__setattr__(self, "loftq", _loftq(self) if self.init == "loftq" else None)
         object.__setattr__(self, "lora_ga", _lora_ga(self) if self.init == "lora_ga" else None)
+        object.__setattr__(self, "corda", _corda(self) if self.init == "corda" else None)
         if self.kasa and self.velora:
             raise RuleError(f"Rule {self.label}: KaSA and VeLoRA are separate PEFT variants; choose one.")
 
@@ -230,6 +232,18 @@ def _lora_ga(rule: Rule) -> tuple[str, str, int]:
         raise RuleError(f"Rule {rule.label}: init='lora_ga' is plain LoRA from the weight's gradient; drop DoRA, "
                         "lora_bias, out_slices, block_diagonal, KaSA or VeLoRA.")
     return direction, scale, gamma
+
+
+def _corda(rule: Rule) -> str:
+    value = rule.corda if rule.corda is not None else "ipm"
+    if isinstance(value, dict):
+        value = value.get("corda_method") or "ipm"
+    if value not in ("ipm", "kpm"):
+        raise RuleError(f"Rule {rule.label}: corda must be 'ipm' or 'kpm', got {rule.corda!r}.")
+    if rule.use_dora or rule.lora_bias or rule.out_slices or rule.block_diagonal or rule.kasa or rule.velora:
+        raise RuleError(f"Rule {rule.label}: init='corda' is plain LoRA from W and its inputs' covariance; drop "
+                        "DoRA, lora_bias, out_slices, block_diagonal, KaSA or VeLoRA.")
+    return value
 
 
 def _bd_side(bdlora: dict[str, Any], key: str) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any
 from .base import PLAIN, Variant
 from .bdlora import BdLora
 from .biased import BIASED, Biased
+from .corda import Corda
 from .dora import DORA, DoRA
 from .kasa import Kasa
 from .loftq import Loftq
@@ -42,6 +43,8 @@ def resolve(rule: Any) -> Variant:
         return Loftq(*rule.loftq)
     if rule.init == "lora_ga":
         return LoraGA(*rule.lora_ga)
+    if rule.init == "corda":
+        return Corda(rule.corda)
     if rule.kasa:
         return Kasa(*rule.kasa)
     if rule.velora:
@@ -76,5 +79,5 @@ def mixed(variants: Iterable[Variant]) -> list[str]:
             if len({type(v) is cls for v in variants}) > 1]
 
 
-__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Kasa", "Velora", "Loftq", "LoraGA",
+__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Kasa", "Velora", "Loftq", "LoraGA", "Corda",
            "Sliced", "resolve", "peft_fields", "rule_fields", "mixed", "PEFT_FIELDS"]

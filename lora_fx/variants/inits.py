@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..adapters.unit import LoraUnit
 
 RANDOM_INITS = (True, False, "default", "gaussian", "orthogonal")
-VARIANT_INITS = ("mica", "loftq", "lora_ga")  # inits that are variants of their own (``variants.mica``, ...)
+VARIANT_INITS = ("mica", "loftq", "lora_ga", "corda")  # inits that are variants of their own (``variants.mica``, ...)
 WEIGHT_INITS = ("pissa", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 NAMES = (*RANDOM_INITS, *VARIANT_INITS, *WEIGHT_INITS, "pissa_niter_<K>")

@@ -30,6 +30,7 @@ from torch import nn
 from ..atomic import atomic_write
 from ..errors import RuleError
 from .base import Variant
+from .gathered import linear_targets
 
 GRAD = "_peft_loraga_grad"  # PEFT's attribute on the target module
 
@@ -102,23 +103,6 @@ class LoraGA(Variant):
         return {"lora_ga_config": {"direction": self.direction, "scale": self.scale, "stable_gamma": self.gamma}}
 
 
-def gradient_targets(model: nn.Module, rules: Any) -> list[tuple[str, nn.Module]]:
-    """The linear modules (nn.Linear, transformers' Conv1D) ``rules`` select, as PEFT's LoRA-GA finds them."""
-    from ..rules import as_ruleset
-
-    ruleset = as_ruleset(rules)
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-            rule = ruleset.decide(name, "linear")
-            if rule is not None and not rule.exclude:
-                found.append((name, module))
-    if not found:
-        raise RuleError("preprocess_loraga: the rules select no nn.Linear or Conv1D module of "
-                        f"{type(model).__name__}; LoRA-GA needs the gradients of linear weights.")
-    return found
-
-
 def preprocess_loraga(model: nn.Module, rules: Any, data: Callable[[], Any] | Iterable[Any],
                       cache_file: str | os.PathLike | None = None) -> None:
     """Average ``∂L/∂W`` of every target ``rules`` select (a LoraConfig, Rules) and keep it on its module for
@@ -130,7 +114,7 @@ def preprocess_loraga(model: nn.Module, rules: Any, data: Callable[[], Any] | It
 
         preprocess_loraga(model, LoraConfig(..., init_lora_weights="lora_ga"), [{"input_ids": ids, "labels": ids}])
     """
-    targets = gradient_targets(model, rules)
+    targets = linear_targets(model, rules, "preprocess_loraga")
     for name, module in targets:
         if hasattr(module, "quant_state") or getattr(module.weight, "quant_state", None) is not None:
             raise RuleError(f"preprocess_loraga: {name!r} is quantized; LoRA-GA needs full-precision gradients.")

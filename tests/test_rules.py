@@ -48,7 +48,7 @@ def test_scaling_and_rslora():
     (dict(dropout=1.0), "dropout must be in [0, 1)"),
     (dict(dropout=-0.1), "dropout must be in [0, 1)"),
     (dict(kinds={"lstm"}), "unknown kinds"),
-    (dict(init="loftq"), "init must be one of"),
+    (dict(init="xavier"), "init must be one of"),
 ])
 def test_bad_rules_name_the_rule(kwargs, fragment):
     with pytest.raises(RuleError) as e:
@@ -106,5 +106,5 @@ def test_all_linear_shorthand():
 def test_unsupported_init_in_adapter_config_is_refused():
     from lora_fx.peft.config import ruleset_from_peft_config
 
-    with pytest.raises(RuleError, match="init_lora_weights='loftq'"):
-        ruleset_from_peft_config({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "loftq"})
+    with pytest.raises(RuleError, match="init_lora_weights='eva'"):
+        ruleset_from_peft_config({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "eva"})

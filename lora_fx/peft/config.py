@@ -55,7 +55,7 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
     if init == "default" or not inits.is_init(init):  # named first: PEFT fills e.g. eva_config from it
         raise RuleError(
             f"LoraConfig.init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'orthogonal', "
-            "'mica', 'pissa', 'pissa_niter_<K>' or 'olora'."
+            "'mica', 'loftq', 'lora_ga', 'corda', 'pissa', 'pissa_niter_<K>' or 'olora'."
         )
     for name in _UNSUPPORTED_WHEN_SET:
         if c.get(name) not in (None, [], {}, ""):

@@ -27,7 +27,7 @@ BATCH, SEQ = 4, 128
 
 
 def configs() -> dict[str, dict]:
-    from peft.tuners.lora.config import BdLoraConfig, KasaConfig, VeloraConfig
+    from peft.tuners.lora.config import BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig
 
     return {
         "plain LoRA": {},
@@ -36,6 +36,7 @@ def configs() -> dict[str, dict]:
                                                                                 "gate_proj", "up_proj"], nblocks=2)},
         "KaSA": {"kasa_config": KasaConfig()},
         "VeLoRA (64 groups)": {"velora_config": VeloraConfig()},
+        "MonteCLoRA (8 samples)": {"monteclora_config": MontecloraConfig()},
     }
 
 
@@ -61,7 +62,8 @@ def one_variant(name: str, extra: dict, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         peft.save_pretrained(d)
         lm = lora_fx.from_peft(copy.deepcopy(base), d, example_inputs=(ids[:2, :8],))
-    peft_reg = peft.base_model._get_kasa_loss if "kasa_config" in extra else (lambda: 0.0)
+    peft_reg = peft.base_model._get_kasa_loss if "kasa_config" in extra else \
+        peft.base_model._get_monteclora_loss if "monteclora_config" in extra else (lambda: 0.0)
     with torch.no_grad():
         want, got = peft(input_ids=ids, labels=ids).loss, lm(input_ids=ids, labels=ids).loss
     assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item()), (name, got.item(), want.item())

@@ -311,3 +311,56 @@ def test_corda_equals_peft(name, method, tmp_path):
     loaded = lora_fx.from_peft(fresh, tmp_path / "adapter", **c.lorafy_kwargs()).eval()
     with torch.no_grad():
         assert rel_err(loaded(ids).logits, lm(ids).logits) < 1e-5
+
+
+def test_monteclora_equals_peft_with_the_same_draws(tmp_path):
+    """MonteCLoRA: PEFT's draws at init (sampler priors and noise buffer), the same sampled training forwards,
+    gradients (the priors' too) and variational loss over several steps (the buffer refilled), plain LoRA in eval,
+    checkpoints both ways."""
+    from peft.tuners.lora.config import MontecloraConfig
+
+    c = ZOO["llama"]
+    model, ids = c.build(), c.inputs()[0]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                        monteclora_config=MontecloraConfig(num_samples=3, buffer_size=2, use_entropy=True,
+                                                           sample_scaler=0.05))
+    torch.manual_seed(5)
+    pm = get_peft_model(copy.deepcopy(model), config).train()
+    torch.manual_seed(5)
+    lm = lora_fx.lorafy(copy.deepcopy(model), config, example_inputs=(ids,)).train()
+    for key, unit in lm.adapters.units("default").items():
+        sampler = pm.base_model.model.get_submodule(key).lora_monteclora_sampler["default"]
+        assert torch.equal(unit.dropout.sampler.std_prior, sampler.std_prior), key
+        assert torch.equal(unit.dropout.sampler._noise[1][1], sampler.sampler.buffer[1]["z_wishart"]), key
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (pm, lm)]
+    for step in range(3):  # buffer_size 2: the third step refills it
+        losses = []
+        for m, opt in zip((pm, lm), opts):
+            opt.zero_grad()
+            torch.manual_seed(100 + step)  # a refill draws from the global generator: the same state for both
+            out = m(ids, labels=ids)
+            loss = out.loss + (m.base_model._get_monteclora_loss() if m is pm else m.variant_loss())
+            loss.backward()
+            losses.append(loss)
+        assert rel_err(losses[1], losses[0]) < 1e-5, step
+        for key, unit in lm.adapters.units("default").items():
+            layer = pm.base_model.model.get_submodule(key)
+            sampler = layer.lora_monteclora_sampler["default"]
+            assert rel_err(unit.lora_A.grad, layer.lora_A["default"].weight.grad) < 1e-4, key
+            assert rel_err(unit.dropout.sampler.std_prior.grad, sampler.std_prior.grad) < 1e-4, key
+        for opt in opts:
+            opt.step()
+    assert lm._get_kasa_loss() == 0.0
+    pm.eval(), lm.eval()
+    with torch.no_grad():
+        want = pm(ids).logits
+        assert rel_err(lm(ids).logits, want) < 1e-5
+    lm.save_pretrained(tmp_path)
+    back = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    loaded = lora_fx.from_peft(copy.deepcopy(model), tmp_path, example_inputs=(ids,)).eval()
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, want) < 1e-5
+        assert rel_err(loaded(ids).logits, want) < 1e-5
+    for key, unit in loaded.adapters.units("default").items():
+        assert torch.equal(unit.dropout.sampler.std_prior, lm.unit(key).dropout.sampler.std_prior)
+    assert loaded.peft_config["default"].monteclora_config.num_samples == 3

@@ -31,26 +31,35 @@ class ReportMixin:
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
 
-    def variant_loss(self, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
-        """The auxiliary losses the adapters' variants train with, summed over their units (KaSA's regularizer:
-        ``beta·‖d‖² + gamma·(‖BᵀB - I‖_F + ‖AAᵀ - I‖_F)``); 0.0 when none has one. Add it to the task loss::
+    def variant_loss(self, adapter_names: str | list[str] | None = None,
+                     variant: str | None = None) -> torch.Tensor | float:
+        """The auxiliary losses the active (or named) adapters' variants train with, each variant's terms summed or
+        averaged over its units as PEFT does (KaSA: the sum of ``beta·‖d‖² + gamma·(‖BᵀB - I‖ + ‖AAᵀ - I‖)``;
+        MonteCLoRA: the mean of its KL terms); ``variant`` keeps one (its label, ``"KaSA"``). 0.0 when none has
+        one. Add it to the task loss::
 
             loss = out.loss + lm.variant_loss()
         """
         state = self.state
         names = state.active if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) \
             else adapter_names
-        total: torch.Tensor | float = 0.0
+        terms: dict[str, list] = {}
         for name in names:
             for unit in state.entries[name].by_key.values():
                 term = unit.variant.regularization(unit)
-                if term is not None:
-                    total = total + term
-        return total
+                if term is not None and variant in (None, unit.variant.label):
+                    terms.setdefault(unit.variant.loss_reduction, []).append(term)
+        total: torch.Tensor | float = sum(terms.get("sum", []), 0.0)
+        mean = terms.get("mean", [])
+        return total + sum(mean, 0.0) / len(mean) if mean else total
 
     def _get_kasa_loss(self, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
-        """PEFT's name for ``variant_loss`` (KaSA's regularizer)."""
-        return self.variant_loss(adapter_names)
+        """PEFT's KaSA regularizer (``variant_loss`` of KaSA units)."""
+        return self.variant_loss(adapter_names, "KaSA")
+
+    def _get_monteclora_loss(self, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
+        """PEFT's MonteCLoRA variational loss (``variant_loss`` of MonteCLoRA units)."""
+        return self.variant_loss(adapter_names, "MonteCLoRA")
 
     def report(self) -> RewriteReport:
         """What the rewrite did: one row per (adapter, key) (per output slice for sliced units)."""

@@ -28,7 +28,7 @@ from ..variants import inits, mixed, peft_fields, rule_fields
 _UNSUPPORTED_WHEN_SET = (
     "megatron_config",
     "eva_config", "alora_invocation_tokens",
-    "monteclora_config", "arrow_config",
+    "arrow_config",
 )
 _UNSUPPORTED_WHEN_TRUE = ("use_qalora",)
 
@@ -84,6 +84,7 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
         loftq=_sub_config(c, "loftq_config") or None if init == "loftq" else None,
         lora_ga=_sub_config(c, "lora_ga_config") if init == "lora_ga" else None,
         corda=_sub_config(c, "corda_config") if init == "corda" else None,
+        monteclora=_sub_config(c, "monteclora_config"),
     )
     rules = []
     excludes = c.get("exclude_modules")
@@ -137,7 +138,9 @@ _SUB_CONFIGS = {"kasa_config": ("KasaConfig", ("beta", "gamma")),
                 "loftq_config": ("LoftQConfig", ("loftq_bits", "loftq_iter")),
                 "lora_ga_config": ("LoraGAConfig", ("direction", "scale", "stable_gamma")),
                 "corda_config": ("CordaConfig", ("cache_file", "covariance_file", "corda_method", "verbose",
-                                                 "use_float16_for_covariance", "prune_temporary_fields"))}
+                                                 "use_float16_for_covariance", "prune_temporary_fields")),
+                "monteclora_config": ("MontecloraConfig", ("num_samples", "use_entropy", "dirichlet_prior",
+                                                           "sample_scaler", "kl_loss_weight", "buffer_size"))}
 
 
 def _sub_config(c: dict[str, Any], name: str) -> dict[str, Any] | None:

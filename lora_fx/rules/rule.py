@@ -75,6 +75,7 @@ class Rule(metaclass=_Checked):
     loftq: tuple[int, int] | None = None  # init="loftq": (bits 4 or 8, iterations); default (4, 1)
     lora_ga: tuple[str, str, int] | None = None  # init="lora_ga": (direction, scale, stable_gamma)
     corda: str | None = None  # init="corda": "ipm" (default) or "kpm"
+    monteclora: tuple | None = None  # MonteCLoRA: PEFT's MontecloraConfig values (a dict or True for its defaults)
 
     def __post_init__(self) -> None:
         patterns = (self.match,) if isinstance(self.match, str) else tuple(self.match)
@@ -127,8 +128,10 @@ class Rule(metaclass=_Checked):
         object.__setattr__(self, "loftq", _loftq(self) if self.init == "loftq" else None)
         object.__setattr__(self, "lora_ga", _lora_ga(self) if self.init == "lora_ga" else None)
         object.__setattr__(self, "corda", _corda(self) if self.init == "corda" else None)
-        if self.kasa and self.velora:
-            raise RuleError(f"Rule {self.label}: KaSA and VeLoRA are separate PEFT variants; choose one.")
+        object.__setattr__(self, "monteclora", _monteclora(self) if self.monteclora not in (None, False) else None)
+        chosen = [n for n in ("kasa", "velora", "monteclora") if getattr(self, n)]
+        if len(chosen) > 1:
+            raise RuleError(f"Rule {self.label}: {' and '.join(chosen)} are separate PEFT variants; choose one.")
 
     @property
     def patterns(self) -> tuple[str, ...]:
@@ -244,6 +247,28 @@ def _corda(rule: Rule) -> str:
         raise RuleError(f"Rule {rule.label}: init='corda' is plain LoRA from W and its inputs' covariance; drop "
                         "DoRA, lora_bias, out_slices, block_diagonal, KaSA or VeLoRA.")
     return value
+
+
+MONTECLORA_DEFAULTS = {"num_samples": 8, "use_entropy": False, "dirichlet_prior": 0.1, "sample_scaler": 1e-4,
+                       "kl_loss_weight": 1e-5, "buffer_size": 150}  # PEFT's MontecloraConfig
+
+
+def _monteclora(rule: Rule) -> tuple:
+    value = {} if rule.monteclora is True else rule.monteclora
+    if isinstance(value, (tuple, list)) and len(value) == len(MONTECLORA_DEFAULTS):
+        value = dict(zip(MONTECLORA_DEFAULTS, value))
+    if not isinstance(value, dict) or set(value) - set(MONTECLORA_DEFAULTS):
+        raise RuleError(f"Rule {rule.label}: monteclora must be True or a dict of {sorted(MONTECLORA_DEFAULTS)}, got "
+                        f"{rule.monteclora!r}.")
+    v = {**MONTECLORA_DEFAULTS, **value}
+    if not (isinstance(v["num_samples"], int) and v["num_samples"] > 0 and isinstance(v["buffer_size"], int)
+            and v["buffer_size"] > 0 and v["dirichlet_prior"] > 0 and isinstance(v["use_entropy"], bool)):
+        raise RuleError(f"Rule {rule.label}: monteclora needs num_samples > 0, buffer_size > 0, dirichlet_prior > 0 "
+                        f"and a bool use_entropy, got {v}.")
+    if rule.use_dora or rule.lora_bias or rule.out_slices or rule.block_diagonal:
+        raise RuleError(f"Rule {rule.label}: MonteCLoRA samples A itself; drop DoRA, lora_bias, out_slices or "
+                        "block_diagonal.")
+    return tuple(v[k] for k in MONTECLORA_DEFAULTS)
 
 
 def _bd_side(bdlora: dict[str, Any], key: str) -> str | None:

@@ -25,6 +25,7 @@ from .kasa import Kasa
 from .loftq import Loftq
 from .loraga import LoraGA
 from .mica import MICA, MiCA
+from .monteclora import Monteclora
 from .sliced import Sliced
 from .velora import Velora
 
@@ -49,6 +50,8 @@ def resolve(rule: Any) -> Variant:
         return Kasa(*rule.kasa)
     if rule.velora:
         return Velora(*rule.velora)
+    if rule.monteclora:
+        return Monteclora(*rule.monteclora)
     if rule.block_diagonal:
         return BdLora(*rule.block_diagonal)
     if rule.use_dora:
@@ -79,5 +82,5 @@ def mixed(variants: Iterable[Variant]) -> list[str]:
             if len({type(v) is cls for v in variants}) > 1]
 
 
-__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Kasa", "Velora", "Loftq", "LoraGA", "Corda",
-           "Sliced", "resolve", "peft_fields", "rule_fields", "mixed", "PEFT_FIELDS"]
+__all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Kasa", "Velora", "Loftq", "LoraGA",
+           "Corda", "Monteclora", "Sliced", "resolve", "peft_fields", "rule_fields", "mixed", "PEFT_FIELDS"]

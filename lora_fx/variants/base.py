@@ -42,6 +42,7 @@ class Variant:
     casts_output = True  # its branch output is cast back to the base dtype by the insert pass
     frozen: tuple[str, ...] = ()  # unit tensors that never train (MiCA's B)
     exclusive = False  # its adapters cannot share a model with adapters of other variants (KaSA, as PEFT)
+    loss_reduction = "sum"  # how ``lm.variant_loss()`` combines its units' ``regularization`` terms ("sum", "mean")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -64,6 +64,7 @@ def one_variant(name: str, extra: dict, rounds: int) -> dict:
         lm = lora_fx.from_peft(copy.deepcopy(base), d, example_inputs=(ids[:2, :8],))
     peft_reg = peft.base_model._get_kasa_loss if "kasa_config" in extra else \
         peft.base_model._get_monteclora_loss if "monteclora_config" in extra else (lambda: 0.0)
+    peft.eval(), lm.eval()  # sampling variants compare their deterministic (eval) forward
     with torch.no_grad():
         want, got = peft(input_ids=ids, labels=ids).loss, lm(input_ids=ids, labels=ids).loss
     assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item()), (name, got.item(), want.item())

@@ -30,7 +30,6 @@ _UNSUPPORTED_WHEN_SET = (
     "eva_config", "alora_invocation_tokens",
     "arrow_config",
 )
-_UNSUPPORTED_WHEN_TRUE = ("use_qalora",)
 
 
 def is_peft_config(obj: Any) -> bool:
@@ -63,9 +62,10 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
                 f"LoraConfig.{name}={c[name]!r} is not supported by this version of lora_fx; "
                 f"remove it from the config or express the targeting with lora_fx Rules."
             )
-    for name in _UNSUPPORTED_WHEN_TRUE:
-        if c.get(name):
-            raise RuleError(f"LoraConfig.{name}=True is not supported by this version of lora_fx; set it to False.")
+    if c.get("use_qalora"):
+        raise RuleError("LoraConfig.use_qalora=True: QA-LoRA adapts GPTQ-quantized layers (gptqmodel's QuantLinear, "
+                        "which PEFT wraps as GPTQLoraLinear); lora_fx does not capture GPTQ layers. Set it to False, "
+                        "or quantize the base with bitsandbytes and train QLoRA (see the README's QLoRA section).")
     _check_values(c)
 
     targets, parameters = c.get("target_modules"), c.get("target_parameters") or None

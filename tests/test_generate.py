@@ -138,3 +138,34 @@ def test_bad_input_errors_name_the_limit_and_leave_the_cache_usable():
 def test_report_says_the_original_model_does_not_see_unmerged_adapters():
     _, lm = _lm("llama")
     assert "the original model's own generate() does not see unmerged adapters" in str(lm.report())
+
+
+@pytest.mark.parametrize("sliding_window", [4096, 24])
+def test_sliding_window_models_generate_peft_tokens_within_the_window(sliding_window):
+    """Mistral's default config (a 4096-token window) and a short window: within the window the static cache never
+    slides, so generation equals PEFT's; past a short window the error names it."""
+    import copy
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=96, max_position_embeddings=256, sliding_window=sliding_window)).eval()
+    ids, mask = _padded_batch()
+    lm = lora_fx.lorafy(copy.deepcopy(model), Rule(["q_proj", "v_proj"], r=8, init=False), example_inputs=(ids,))
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for key, unit in lm.adapters.units("default").items():
+            unit.lora_B.mul_(3)
+            layer = pm.base_model.model.get_submodule(key)
+            layer.lora_A["default"].weight.copy_(unit.lora_A)
+            layer.lora_B["default"].weight.copy_(unit.lora_B)
+    ours = lm.generate(ids, attention_mask=mask, max_new_tokens=16, pad_token_id=0)
+    theirs = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+    if sliding_window == 24:
+        with pytest.raises(AdapterError, match="window of 24 tokens"):
+            lm.generate(ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0)

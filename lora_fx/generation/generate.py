@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -28,7 +29,7 @@ from torch import fx, nn
 from ..capture import Captured, capture
 from ..capture.exporting import share_parameters
 from ..capture.signatures import rekey
-from ..errors import AdapterError
+from ..errors import AdapterError, CaptureError
 from .sampling import SamplingConfig, next_tokens
 
 PREFIX = "model."  # CachedStep holds the causal LM as ``model``
@@ -42,7 +43,7 @@ class CachedStep(nn.Module):
         from transformers import StaticCache
 
         self.model = model
-        self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        self.cache = StaticCache(config=unwindowed(model.config, cache_len), max_cache_len=cache_len)
         params = inspect.signature(model.forward).parameters  # transformers >= 5.2x: "cache"; before: the old name
         self.cache_argument = "cache" if "cache" in params else "past_key_values"
         device = next(model.parameters()).device
@@ -60,6 +61,34 @@ class CachedStep(nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=1, **{self.cache_argument: self.cache})
         return out.logits[:, -1]
+
+
+WINDOWS = ("sliding_window", "attention_chunk_size")  # config fields of windowed attention (sliding, chunked)
+
+
+def window(config) -> int | None:
+    """The shortest attention window of the model's windowed layers (None: none)."""
+    sizes = [w for w in (getattr(config, n, None) for n in WINDOWS) if isinstance(w, int) and w > 0]
+    return min(sizes) if sizes else None
+
+
+def unwindowed(config, cache_len: int):
+    """The config the static cache is built from: a window at least as long as the cache never slides, so its
+    layers are plain static layers (the model's own masks still apply the window, a no-op at this length)."""
+    w = window(config)
+    if w is None:
+        return config
+    if w < cache_len:
+        raise AdapterError(f"{type(config).__name__} attends over a window of {w} tokens; lm.generate's cache of "
+                           f"{cache_len} would have to slide, which it does not do yet. Keep prompt + max_new_tokens "
+                           f"<= {w}, or merge (lm.merge()) and call the model's own generate.")
+    config = copy.deepcopy(config)
+    for name in WINDOWS:
+        if getattr(config, name, None):
+            setattr(config, name, None)
+    if getattr(config, "layer_types", None):
+        config.layer_types = ["full_attention"] * len(config.layer_types)
+    return config
 
 
 def check_causal_lm(lm) -> nn.Module:
@@ -86,6 +115,14 @@ def cache_length(model: nn.Module, prompt: int, new: int) -> int:
                            f"max_position_embeddings ({limit}); pass max_new_tokens <= {max(limit - prompt, 0)} or "
                            "a shorter prompt.")
     bucket = -(-need // 64) * 64
+    w = window(model.config)
+    if w is not None and need > w:
+        raise AdapterError(f"{type(model).__name__} attends over a window of {w} tokens and prompt length {prompt} + "
+                           f"max_new_tokens {new} = {need} exceeds it; lm.generate's static cache does not slide yet. "
+                           f"Keep prompt + max_new_tokens <= {w}, or merge (lm.merge()) and call the model's own "
+                           "generate.")
+    if w is not None:  # stay within the window: the cache never slides (see ``unwindowed``)
+        bucket = min(bucket, w)
     return min(bucket, limit) if limit is not None else bucket
 
 
@@ -95,7 +132,11 @@ def graphs_for(lm, batch: int, cache_len: int):
     def capture_steps() -> tuple[Captured, Captured]:
         model = lm.state.captured.source
         was = model.training
-        step = CachedStep(model, batch, cache_len).eval()  # generation graphs never drop out
+        try:
+            step = CachedStep(model, batch, cache_len).eval()  # generation graphs never drop out
+        except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+            raise CaptureError(f"a static KV cache cannot hold {type(model).__name__}'s cache ({type(e).__name__}: "
+                               f"{e})") from e
         device = next(model.parameters()).device
         mask = torch.ones(batch, cache_len, dtype=torch.long, device=device)
         start = torch.zeros(1, dtype=torch.long, device=device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 import weakref
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch import nn
 from ..adapters.store import BASE
 from ..capture.calls import CallSignature, call_key
 from ..capture.signatures import capture_call
-from ..errors import AdapterError
+from ..errors import AdapterError, CaptureError, RuleWarning
 from ..passes.derive import ROUTE_INPUT
 from .transaction import SimpleLock
 
@@ -39,6 +40,7 @@ class CallsMixin:
         self._base_training = cap.training
         self._source_forward = cap.source.__dict__.get("forward")  # a forward set on the model after this: patched
         self._patch_lock = SimpleLock()  # a patched forward swaps the model's backbone for the call's span
+        self._own_generate = False  # lm.generate fell back to the model's own generate (warned once)
         self._capture_ids = itertools.count(1)
         self._compiled_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> its compile
         forward = functools.partial(type(self).forward, self)
@@ -148,32 +150,74 @@ class CallsMixin:
 
     # ---- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+    def generate(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, adapter_names: list[str] | None = None) -> torch.LongTensor:
-        """Generate with the active adapters (unmerged or merged) over a static KV cache; returns the prompt plus
-        the new tokens, as transformers' ``generate``. Left-padded batches take an ``attention_mask``; each row
-        stops at EOS (``eos_token_id=None``: the model's generation config) and is padded after it with
-        ``pad_token_id`` (default: the generation config's, else the first EOS, as transformers). Greedy by
-        default; ``do_sample`` samples after temperature, top-k and top-p (seed with ``torch.manual_seed``).
-        ``adapter_names`` (one per row, ``"__base__"``: none) generates each row with its own adapter, in one
-        batch (adapter bank). LoRA dropout is off while generating. After ``lora_fx.compile(lm)`` the decode step
-        is compiled once and reused by every step."""
+                 pad_token_id: int | None = None, adapter_names: list[str] | None = None,
+                 generation_config: Any = None, **kwargs: Any) -> Any:
+        """Generate with the active adapters (unmerged or merged); returns what transformers' ``generate`` returns
+        (the prompt plus the new tokens). Greedy and sampling (temperature, top-k, top-p; seed with
+        ``torch.manual_seed``) with per-row EOS and padding, ``adapter_names`` (one per row, ``"__base__"``: none,
+        one batch through the adapter bank) and the default 20 new tokens run lora_fx's prefill/decode graphs over
+        a static KV cache (after ``lora_fx.compile(lm)``, compiled once and reused). Any other transformers argument
+        (``num_beams``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``, ``logits_processor``,
+        ``stopping_criteria``, ``streamer``, ``return_dict_in_generate``, ...), a ``generation_config``, an
+        encoder-decoder, or a model whose cache the graphs cannot hold (state-space and hybrid models) runs the
+        model's own ``generate`` with the adapters added to its layers as PEFT adds them (``generation.eager``).
+        LoRA dropout is off while generating."""
         from ..generation.generate import generate
         from ..generation.sampling import SamplingConfig
 
+        model = self._state.captured.source
+        own = generation_config is not None or bool(kwargs) or input_ids is None or getattr(
+            getattr(model, "config", None), "is_encoder_decoder", False)
         if adapter_names is not None:
+            if own:
+                raise AdapterError("adapter_names (one adapter per row) runs on lm.generate's own graphs, which take "
+                                   f"greedy and sampling arguments only; drop {sorted(kwargs) or 'generation_config'} "
+                                   "or adapter_names.")
             self._check_route(adapter_names, len(input_ids) if isinstance(input_ids, torch.Tensor) else None)
+        hf_args = {"input_ids": input_ids, "attention_mask": attention_mask, "max_new_tokens": max_new_tokens,
+                   "do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                   "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "generation_config": generation_config,
+                   **kwargs}
         was = self.training, self._base_training
         self.train(False)
         try:
-            return generate(self, input_ids, attention_mask, max_new_tokens,
-                            SamplingConfig(do_sample, temperature, top_k, top_p), eos_token_id, pad_token_id,
-                            adapter_names)
+            if own:
+                return self._transformers_generate({k: v for k, v in hf_args.items() if v is not None})
+            sampling = SamplingConfig(bool(do_sample), 1.0 if temperature is None else temperature, top_k, top_p)
+            try:
+                return generate(self, input_ids, attention_mask, 20 if max_new_tokens is None else max_new_tokens,
+                                sampling, eos_token_id, pad_token_id, adapter_names)
+            except CaptureError as e:
+                if adapter_names is not None:
+                    raise
+                if not self._own_generate:
+                    self._own_generate = True
+                    warnings.warn(f"lm.generate: its static-cache graphs cannot hold {type(model).__name__}'s "
+                                  f"cache ({str(e).splitlines()[0][:200]}); generating with the model's own generate "
+                                  "and the adapters added to its layers instead.", RuleWarning, stacklevel=2)
+                return self._transformers_generate({k: v for k, v in hf_args.items() if v is not None})
         finally:
             self.train(was[0])
             self._base_training = was[1]
+
+    def _transformers_generate(self, args: dict[str, Any]) -> Any:
+        from ..generation.eager import attached
+
+        model = self._state.captured.source
+        if not callable(getattr(model, "generate", None)):
+            raise AdapterError(f"{type(model).__name__} has no generate method; transformers' generation arguments "
+                               "need a transformers model.")
+        with self.reading(), self._patch_lock:
+            training = model.training
+            model.eval()
+            try:
+                with attached(self):
+                    return model.generate(**args)
+            finally:
+                model.train(training)
 
     def _check_route(self, adapter_names: Any, rows: int | None) -> None:
         """Refuse a bad ``adapter_names`` before anything happens; then build the bank if there is none."""

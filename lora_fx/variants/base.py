@@ -157,6 +157,21 @@ class Variant:
         scaled = bb.new("call_function", operator.mul, (delta, bb.unit.scaling), "lora_scaled")
         return bb.new("call_function", operator.add, (bb.y, scaled), "lora")
 
+    # ---- eager (transformers' own generate) ----------------------------------------------------------------
+    def eager(self, unit: LoraUnit, x: torch.Tensor) -> torch.Tensor:
+        """The branch ``s · B A x`` in eval, computed as PEFT's layer computes it (no graph; ``generation.eager``
+        adds it to the layer's output). Linear targets that read the input ``x``."""
+        if unit.strategy.name != "linear" or getattr(unit.geometry, "left", False):
+            raise RuleError(f"{unit.key!r} is a {unit.kind} target; transformers' generate path runs LoRA on linear "
+                            "layers only. Use lm.generate's own arguments (greedy, sampling), or merge first.")
+        return self.eager_b(unit, self.eager_a(unit, x)) * unit.scaling
+
+    def eager_a(self, unit: LoraUnit, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, unit.lora_A)
+
+    def eager_b(self, unit: LoraUnit, h: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(h, self.whole_b(unit))
+
     def b_node(self, bb: Any) -> fx.Node:
         return bb.tensor("lora_B")
 

@@ -110,6 +110,12 @@ class BdLora(Variant):
         b = self.whole_b(unit, unit.lora_B.detach().to(dtype))
         return unit.strategy.delta(a, b, unit.scaling, unit.geometry)
 
+    def eager_a(self, unit, x):
+        return block_linear(x, unit.lora_A, self.nblocks) if self.side == "A" else F.linear(x, unit.lora_A)
+
+    def eager_b(self, unit, h):
+        return block_linear(h, unit.lora_B, self.nblocks) if self.side == "B" else F.linear(h, unit.lora_B)
+
     def emit(self, bb):
         x = bb.activation()
         a, b = bb.tensor("lora_A"), bb.tensor("lora_B")

@@ -39,6 +39,9 @@ class Biased(Variant):
     def peft_tensors(self, unit):
         return {**super().peft_tensors(unit), "lora_B.bias": unit.lora_B_bias}
 
+    def eager_b(self, unit, h):
+        return torch.nn.functional.linear(h, unit.lora_B, unit.lora_B_bias)
+
     def b_bias(self, bb):
         return bb.tensor("lora_B_bias")
 

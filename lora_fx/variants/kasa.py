@@ -89,6 +89,9 @@ class Kasa(Variant):
         orthogonal = torch.linalg.norm(b.T @ b - eye) + torch.linalg.norm(a @ a.T - eye)
         return self.beta * (d ** 2).sum() + self.gamma * orthogonal
 
+    def eager_a(self, unit, x):
+        return F.linear(x, unit.lora_A) * unit.lora_diag
+
     def emit(self, bb):
         x = bb.activation()
         h = bb.new("call_function", F.linear, (x, bb.tensor("lora_A")), "lora_a")

@@ -178,3 +178,14 @@ def test_off_and_clear(cache, exports, monkeypatch, capsys):
     assert str(cache) in capsys.readouterr().out
     assert cli_main(["cache", "clear"]) == 0
     assert "removed 1" in capsys.readouterr().out and _entries(cache) == []
+
+
+def test_generation_graphs_are_cached_with_their_shared_kv_cache(cache, exports):
+    """The prefill and decode programs share the step's KV cache: read back, they must write and read the same
+    cache tensors (a stored constant that was one of the step's buffers is that buffer again)."""
+    first = _lorafy(_llama())
+    want = first.eval().generate(IDS, max_new_tokens=12)
+    count = len(exports)
+    second = _lorafy(_llama()).eval()
+    assert torch.equal(second.generate(IDS, max_new_tokens=12), want)
+    assert len(exports) == count  # every capture, the generation steps' included, read from the cache

@@ -117,13 +117,13 @@ def _capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, 
     if example_inputs or kwargs:
         example_inputs, kwargs = distinct_inputs(example_inputs, kwargs)
         key = call_key(CallSignature.of(model).bind(example_inputs, kwargs))
-        cached = functools.partial(cache_entry, model, key, len(example_inputs)) if templates else None
+        cached = functools.partial(cache_entry, model, key, len(example_inputs))
         try:
             if not templates:
                 raise TemplateMismatch("templates not wanted")
             gm, found, blocks = capture_templated(model, example_inputs, kwargs, cached("templated"))
         except TemplateMismatch:
-            gm, found, blocks = _whole(model, example_inputs, kwargs, cached and cached("whole")), {}, {}
+            gm, found, blocks = _whole(model, example_inputs, kwargs, cached("whole")), {}, {}
         share_parameters(gm, model)
         elide_masks(gm, found, blocks)
         cap = _finish(gm, model, "export", True, found, blocks)
@@ -153,7 +153,7 @@ def _whole(model: nn.Module, args: tuple, kwargs: dict[str, Any], entry: CacheEn
         entry.drop()
     program = export_program(model, args, kwargs)
     if entry is not None:
-        entry.store(program, {})
+        entry.store(program, {}, model)
     return program.module()
 
 

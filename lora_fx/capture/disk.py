@@ -25,7 +25,7 @@ Example::
     entry = cache_entry(model, args, kwargs, call, form="templated")
     hit = entry.load(model) if entry else None          # (ExportedProgram, state) or None
     ...
-    entry.store(program, state)
+    entry.store(program, state, model)
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from torch import nn
 
 from ..atomic import atomic_write
 
-FORMAT = 1
+FORMAT = 2
 _LOG = logging.getLogger("lora_fx.capture_cache")
 
 
@@ -111,16 +111,18 @@ class CacheEntry:
         os.utime(self.path)  # most recently used
         return program, stored["state"]
 
-    def store(self, program: torch.export.ExportedProgram, state: dict) -> None:
+    def store(self, program: torch.export.ExportedProgram, state: dict, model: nn.Module) -> None:
         try:
             from torch._export.serde.serialize import ExportedProgramSerializer
 
             serialized = ExportedProgramSerializer().serialize(
                 program, serialize_state_dict=False, serialize_example_inputs=False)
             guards = list(getattr(program, "_guards_code", []))  # the tracer's own input guards: not serialised
+            owners = {id(t): name for name, t in _tensors(model).items()}
+            aliases = {name: owners[id(t)] for name, t in program.constants.items() if id(t) in owners}
             data = pickle.dumps({"key": self.key, "program": serialized.exported_program, "guards": guards,
-                                 "constants": serialized.constants, "tensors": list(program.state_dict),
-                                 "state": state}, protocol=5)
+                                 "aliases": aliases, "constants": serialized.constants,
+                                 "tensors": list(program.state_dict), "state": state}, protocol=5)
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             atomic_write(self.path, lambda tmp: Path(tmp).write_bytes(data))
             _evict(capacity_bytes())
@@ -193,13 +195,12 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:24]
 
 
-def _config(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_json_string"):
-        return None
-    implementations = [str(getattr(config, name, None)) for name in ("_attn_implementation",
-                                                                      "_experts_implementation")]
-    return config.to_json_string(use_diff=False) + "|".join(implementations)
+def _config(model: nn.Module) -> list[str]:
+    """Every config the model's modules hold (a wrapper's inner model's too), with the attention and experts
+    implementations."""
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "to_json_string")}
+    return [c.to_json_string(use_diff=False) + "|".join(str(getattr(c, name, None)) for name in (
+        "_attn_implementation", "_experts_implementation")) for c in configs.values()]
 
 
 def _unkeyable(model: nn.Module) -> bool:
@@ -214,8 +215,7 @@ def _deserialize(stored: dict, model: nn.Module, args: tuple, kwargs: dict[str, 
     inputs against the program's guards from them) and the tracer's guards put back."""
     from torch._export.serde.serialize import ExportedProgramDeserializer
 
-    own = {**dict(model.named_parameters(remove_duplicate=False)),
-           **dict(model.named_buffers(remove_duplicate=False))}
+    own = _tensors(model)
     missing = [name for name in stored["tensors"] if name not in own]
     if missing:
         raise KeyError(f"the model has no tensor {missing[0]!r}")
@@ -223,11 +223,16 @@ def _deserialize(stored: dict, model: nn.Module, args: tuple, kwargs: dict[str, 
     ep = ExportedProgramDeserializer().deserialize(stored["program"], state, stored["constants"], (args, kwargs))
     if hasattr(ep, "_guards_code"):
         ep._guards_code = list(stored["guards"])
-    for name in list(ep.constants):  # non-persistent buffers: the model's current values
-        value = own.get(name)
+    for name in list(ep.constants):  # a constant that was one of the model's tensors is that tensor again
+        value = own.get(stored["aliases"].get(name, name))
         if isinstance(value, torch.Tensor) and value.shape == ep.constants[name].shape:
             ep.constants[name] = value
     return ep
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}
 
 
 def _entries() -> list[Path]:

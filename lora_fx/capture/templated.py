@@ -94,7 +94,7 @@ def capture_templated(model: nn.Module, args: tuple, kwargs: dict[str, Any], ent
     finally:
         _restore(saved)
     if entry is not None and not hit:
-        entry.store(program, {"groups": [[g.members, g.leader, g.call, g.names] for g in groups],
+        entry.store(program, model=model, state={"groups": [[g.members, g.leader, g.call, g.names] for g in groups],
                               "calls": [[call, path] for call, path in calls.items()]})
     return gm, templates, blocks
 

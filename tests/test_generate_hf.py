@@ -106,12 +106,27 @@ def test_encoder_decoders_generate_peft_tokens(name):
                        pm(input_ids=SRC, decoder_input_ids=dec).logits) < 1e-5
 
 
-def test_state_space_models_fall_back_to_their_own_generate():
-    from transformers import MambaConfig, MambaForCausalLM
+def _recurrent(name):
+    from transformers import JambaConfig, JambaForCausalLM, Lfm2Config, Lfm2ForCausalLM, MambaConfig, MambaForCausalLM
 
     torch.manual_seed(0)
-    model = MambaForCausalLM(MambaConfig(vocab_size=96, hidden_size=32, state_size=8, num_hidden_layers=2)).eval()
-    targets = ["in_proj", "x_proj"]
+    if name == "mamba":
+        return MambaForCausalLM(MambaConfig(vocab_size=96, hidden_size=32, state_size=8, num_hidden_layers=2)), [
+            "in_proj", "x_proj"]
+    if name == "jamba":
+        return JambaForCausalLM(JambaConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+            expert_layer_offset=1, num_experts=2, mamba_d_state=8, use_mamba_kernels=False)), ["q_proj", "v_proj"]
+    return Lfm2ForCausalLM(Lfm2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      layer_types=["conv", "full_attention"])), ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("name", ["mamba", "jamba", "lfm2"])
+def test_state_space_and_hybrid_models_fall_back_to_their_own_generate(name):
+    model, targets = _recurrent(name)
+    model.eval()
     lm = lora_fx.lorafy(copy.deepcopy(model), Rule(targets, r=4, alpha=8), example_inputs=(SRC,)).eval()
     pm = _twin(model, lm, targets)
     with warnings.catch_warnings(record=True) as caught:
@@ -119,8 +134,24 @@ def test_state_space_models_fall_back_to_their_own_generate():
         ours = lm.generate(SRC, max_new_tokens=8)
         lm.generate(SRC, max_new_tokens=8)
     assert torch.equal(ours, pm.generate(input_ids=SRC, max_new_tokens=8, do_sample=False))
-    said = [w for w in caught if "static-cache graphs cannot hold MambaForCausalLM" in str(w.message)]
+    said = [w for w in caught if f"static-cache graphs cannot run {type(model).__name__}" in str(w.message)]
     assert len(said) == 1  # once per model
+
+
+def test_whisper_generates_peft_tokens_from_audio_features():
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=96, num_mel_bins=16, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=20,
+        max_target_positions=32, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1)).eval()
+    feats = torch.randn(2, 16, 40, generator=torch.Generator().manual_seed(3))
+    lm = lora_fx.lorafy(copy.deepcopy(model), Rule(["q_proj", "v_proj"], r=4, alpha=8),
+                        example_kwargs={"input_features": feats, "decoder_input_ids": SRC[:, :3]}).eval()
+    pm = _twin(model, lm, ["q_proj", "v_proj"])
+    ours = lm.generate(input_features=feats, max_new_tokens=6)
+    assert torch.equal(ours, pm.generate(input_features=feats, max_new_tokens=6, do_sample=False))
 
 
 def test_what_the_transformers_path_cannot_run_is_refused():

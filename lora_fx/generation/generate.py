@@ -136,7 +136,7 @@ def graphs_for(lm, batch: int, cache_len: int):
             step = CachedStep(model, batch, cache_len).eval()  # generation graphs never drop out
         except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as e:
             raise CaptureError(f"a static KV cache cannot hold {type(model).__name__}'s cache ({type(e).__name__}: "
-                               f"{e})") from e
+                               f"{str(e)[:120]})") from e
         device = next(model.parameters()).device
         mask = torch.ones(batch, cache_len, dtype=torch.long, device=device)
         start = torch.zeros(1, dtype=torch.long, device=device)

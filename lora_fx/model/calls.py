@@ -195,9 +195,9 @@ class CallsMixin:
                     raise
                 if not self._own_generate:
                     self._own_generate = True
-                    warnings.warn(f"lm.generate: its static-cache graphs cannot hold {type(model).__name__}'s "
-                                  f"cache ({str(e).splitlines()[0][:200]}); generating with the model's own generate "
-                                  "and the adapters added to its layers instead.", RuleWarning, stacklevel=2)
+                    warnings.warn(f"lm.generate: its static-cache graphs cannot run {type(model).__name__} "
+                                  f"({str(e).splitlines()[0][:240]}); generating with the model's own generate and "
+                                  "the adapters added to its layers instead.", RuleWarning, stacklevel=2)
                 return self._transformers_generate({k: v for k, v in hf_args.items() if v is not None})
         finally:
             self.train(was[0])

@@ -169,3 +169,21 @@ def test_sliding_window_models_generate_peft_tokens_within_the_window(sliding_wi
     if sliding_window == 24:
         with pytest.raises(AdapterError, match="window of 24 tokens"):
             lm.generate(ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0)
+
+
+def test_a_smaller_batch_or_shorter_generation_reuses_the_captured_graphs():
+    """A batch up to twice smaller, or a shorter generation, runs in graphs captured for a larger size (padding rows
+    finished from the start): no new capture, PEFT's tokens."""
+    c, lm = _lm("llama")
+    pm = peft_twin(c, lm, r=8)
+    ids, mask = _padded_batch()
+    lm.generate(ids, attention_mask=mask, max_new_tokens=50, pad_token_id=0)  # batch 4, cache length 64
+    keys = list(lm.derived_keys)
+    for rows, new in ((3, 50), (2, 30), (4, 16)):
+        ours = lm.generate(ids[:rows], attention_mask=mask[:rows], max_new_tokens=new, pad_token_id=0)
+        theirs = pm.generate(input_ids=ids[:rows], attention_mask=mask[:rows], max_new_tokens=new, do_sample=False,
+                             pad_token_id=0)
+        assert torch.equal(ours, theirs), (rows, new)
+    assert sorted(map(str, lm.derived_keys)) == sorted(map(str, keys))
+    lm.generate(ids[:1], max_new_tokens=8, pad_token_id=0)  # 4 rows for 1 is more than twice: its own graphs
+    assert len(lm.derived_keys) == len(keys) + 1

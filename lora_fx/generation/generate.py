@@ -26,6 +26,7 @@ import inspect
 import torch
 from torch import fx, nn
 
+from ..adapters.store import BASE
 from ..capture import Captured, capture
 from ..capture.exporting import share_parameters
 from ..capture.signatures import rekey
@@ -189,13 +190,31 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, m
     eos = _eos_ids(model, eos_token_id)
     pad = pad_token_id if pad_token_id is not None else getattr(model.generation_config, "pad_token_id", None)
     pad = pad if pad is not None else (eos[0] if eos else 0)
-    entry = graphs_for(lm, batch, cache_len)
+    size = reusable(lm, batch, cache_len) or (batch, cache_len)
+    entry = graphs_for(lm, *size)
+    extra = size[0] - batch
+    if extra:  # a captured batch up to twice this one: rows of one pad token each, finished from the start
+        input_ids = torch.cat([input_ids, input_ids.new_full((extra, prompt), pad)])
+        dummy = mask.new_zeros((extra, prompt))
+        dummy[:, -1] = 1
+        mask = torch.cat([mask, dummy])
+        adapter_names = None if adapter_names is None else [*adapter_names, *[BASE] * extra]
     with entry.lock:  # one generation at a time per entry: it owns the KV cache
-        return lm.run_state(entry, lambda: _loop(lm, input_ids, mask, entry, cache_len, max_new_tokens, sampling,
-                                                 eos, pad, lm.route_kwargs(adapter_names)))
+        out = lm.run_state(entry, lambda: _loop(lm, input_ids, mask, entry, size[1], max_new_tokens, sampling, eos,
+                                                pad, lm.route_kwargs(adapter_names), batch))
+    return out[:batch]
 
 
-def _loop(lm, input_ids, mask, entry, cache_len, max_new_tokens, sampling, eos, pad, route) -> torch.Tensor:
+def reusable(lm, batch: int, cache_len: int) -> tuple[int, int] | None:
+    """The smallest captured (batch, cache length) that can serve this call without a capture: at least as large,
+    at most twice (more rows or cache slots cost compute on every step)."""
+    sizes = [key[1:] for key in lm.derived_keys if isinstance(key, tuple) and key[0] == "generate"]
+    fits = [(b, c) for b, c in sizes if batch <= b <= 2 * batch and cache_len <= c <= 2 * cache_len]
+    return min(fits, key=lambda s: s[0] * s[1]) if fits else None
+
+
+def _loop(lm, input_ids, mask, entry, cache_len, max_new_tokens, sampling, eos, pad, route,
+          rows: int) -> torch.Tensor:
     batch, prompt = input_ids.shape
     options = lm.state.options.compile_options
     options = dict(options) if options is not None else None
@@ -206,6 +225,7 @@ def _loop(lm, input_ids, mask, entry, cache_len, max_new_tokens, sampling, eos, 
         args = (input_ids, full, positions, _start(0, input_ids))
         logits = run_step(entry, "prefill" if prompt > 1 else "decode", args, route, options)
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        done[rows:] = True  # padding rows of a larger captured batch
         new = []
         for i in range(max_new_tokens):
             token = next_tokens(logits, sampling)

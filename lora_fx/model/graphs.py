@@ -169,6 +169,11 @@ class DerivedGraphsMixin:
             tx.setattr(entry, "version", state.derived)
 
     @property
+    def derived_keys(self) -> list[Hashable]:
+        """The keys of the derived graph sets kept now (least recently used first; reading them uses none)."""
+        return self._graphs.keys()
+
+    @property
     def derived_graphs(self) -> dict[Hashable, tuple[Captured, ...]]:
         """The captures besides the training graph's, by key (other call signatures, generation sizes)."""
         return {k: self._graphs.get(k).caps for k in self._graphs.keys()}

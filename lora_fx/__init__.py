@@ -8,12 +8,13 @@ from .errors import AdapterError, CaptureError, CheckpointError, LoraFxError, Me
 from .model import LoraModel
 from .report import RewriteReport
 from .rules import Rule, RuleSet
+from .variants.arrow import create_arrow_model
 from .variants.corda import preprocess_corda
 from .variants.loraga import preprocess_loraga
 
 __all__ = [
     "lorafy", "from_peft", "compile", "export", "package", "swap_adapter", "fully_shard", "clear_capture_cache",
-    "preprocess_loraga", "preprocess_corda",
+    "preprocess_loraga", "preprocess_corda", "create_arrow_model",
     "Rule", "RuleSet",
     "LoraModel", "RewriteReport",
     "LoraFxError", "RuleError", "CaptureError", "AdapterError", "CheckpointError", "MergeError", "RuleWarning",

@@ -364,3 +364,41 @@ def test_monteclora_equals_peft_with_the_same_draws(tmp_path):
     for key, unit in loaded.adapters.units("default").items():
         assert torch.equal(unit.dropout.sampler.std_prior, lm.unit(key).dropout.sampler.std_prior)
     assert loaded.peft_config["default"].monteclora_config.num_samples == 3
+
+
+@pytest.mark.parametrize("use_gks", [False, True])
+def test_arrow_routes_tokens_as_peft(use_gks, tmp_path):
+    """Arrow: PEFT's create_arrow_model and ours from the same task (and general) adapter directories give the same
+    per-token routed outputs; the router is neither merged nor saved."""
+    from peft.tuners.lora.arrow import create_arrow_model as peft_arrow
+    from peft.tuners.lora.config import ArrowConfig
+
+    c = ZOO["llama"]
+    model, ids = c.build(), c.inputs()[0]
+    paths = []
+    for i in range(4):  # three task adapters and one general one, with nonzero B
+        torch.manual_seed(20 + i)
+        pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights=False))
+        pm.save_pretrained(tmp_path / f"a{i}")
+        paths.append(str(tmp_path / f"a{i}"))
+    config = dict(top_k=2, router_temperature=0.7, rng_seed=11, use_gks=use_gks)
+    general = paths[3:] if use_gks else None
+    theirs = peft_arrow(copy.deepcopy(model), paths[:3], ArrowConfig(**config), general).eval()
+    ours = lora_fx.create_arrow_model(copy.deepcopy(model), paths[:3], ArrowConfig(**config), general,
+                                      example_inputs=(ids,)).eval()
+    assert ours.active_adapters == ["arrow_router"]
+    with torch.no_grad():
+        want = theirs(ids).logits
+        assert rel_err(ours(ids).logits, want) < 1e-5
+        ours.set_adapter("task_1")
+        assert rel_err(ours(ids).logits, want) > 1e-3  # the router is not any one task adapter
+        ours.set_adapter("arrow_router")
+    assert torch.equal(ours.generate(ids, num_beams=2, max_new_tokens=4, pad_token_id=0),
+                       theirs.generate(input_ids=ids, num_beams=2, max_new_tokens=4, do_sample=False, pad_token_id=0))
+    with pytest.raises(lora_fx.MergeError, match="Arrow"):
+        ours.merge()
+    with pytest.raises(lora_fx.CheckpointError, match="Arrow router"):
+        ours.save_pretrained(tmp_path / "router")
+    with pytest.raises(lora_fx.RuleError, match="top_k"):
+        lora_fx.create_arrow_model(copy.deepcopy(model), paths[:1], ArrowConfig(top_k=2), example_inputs=(ids,))

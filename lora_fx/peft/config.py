@@ -56,6 +56,10 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
             f"LoraConfig.init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'orthogonal', "
             "'mica', 'loftq', 'lora_ga', 'corda', 'pissa', 'pissa_niter_<K>' or 'olora'."
         )
+    if c.get("arrow_config") not in (None, {}):
+        raise RuleError("LoraConfig.arrow_config: an Arrow router is built over task adapters already loaded; use "
+                        "lora_fx.create_arrow_model(model, task_adapter_dirs, arrow_config, general_adapter_dirs, "
+                        "example_inputs=...), as PEFT's create_arrow_model.")
     for name in _UNSUPPORTED_WHEN_SET:
         if c.get(name) not in (None, [], {}, ""):
             raise RuleError(

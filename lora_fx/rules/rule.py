@@ -76,6 +76,7 @@ class Rule(metaclass=_Checked):
     lora_ga: tuple[str, str, int] | None = None  # init="lora_ga": (direction, scale, stable_gamma)
     corda: str | None = None  # init="corda": "ipm" (default) or "kpm"
     monteclora: tuple | None = None  # MonteCLoRA: PEFT's MontecloraConfig values (a dict or True for its defaults)
+    arrow: Any = None  # Arrow: the router's ``variants.arrow.ArrowSpec`` (built by ``create_arrow_model``)
 
     def __post_init__(self) -> None:
         patterns = (self.match,) if isinstance(self.match, str) else tuple(self.match)
@@ -129,7 +130,7 @@ class Rule(metaclass=_Checked):
         object.__setattr__(self, "lora_ga", _lora_ga(self) if self.init == "lora_ga" else None)
         object.__setattr__(self, "corda", _corda(self) if self.init == "corda" else None)
         object.__setattr__(self, "monteclora", _monteclora(self) if self.monteclora not in (None, False) else None)
-        chosen = [n for n in ("kasa", "velora", "monteclora") if getattr(self, n)]
+        chosen = [n for n in ("kasa", "velora", "monteclora", "arrow") if getattr(self, n) is not None]
         if len(chosen) > 1:
             raise RuleError(f"Rule {self.label}: {' and '.join(chosen)} are separate PEFT variants; choose one.")
 

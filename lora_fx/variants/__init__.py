@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from .arrow import Arrow
 from .base import PLAIN, Variant
 from .bdlora import BdLora
 from .biased import BIASED, Biased
@@ -38,6 +39,8 @@ for _cls, _field in PEFT_FIELDS.items():
 
 def resolve(rule: Any) -> Variant:
     """The variant a (validated) rule asks for."""
+    if rule.arrow is not None:
+        return Arrow(rule.arrow)
     if rule.init == "mica":
         return MICA
     if rule.init == "loftq":
@@ -83,4 +86,4 @@ def mixed(variants: Iterable[Variant]) -> list[str]:
 
 
 __all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Kasa", "Velora", "Loftq", "LoraGA",
-           "Corda", "Monteclora", "Sliced", "resolve", "peft_fields", "rule_fields", "mixed", "PEFT_FIELDS"]
+           "Corda", "Monteclora", "Arrow", "Sliced", "resolve", "peft_fields", "rule_fields", "mixed", "PEFT_FIELDS"]

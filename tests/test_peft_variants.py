@@ -402,3 +402,46 @@ def test_arrow_routes_tokens_as_peft(use_gks, tmp_path):
         ours.save_pretrained(tmp_path / "router")
     with pytest.raises(lora_fx.RuleError, match="top_k"):
         lora_fx.create_arrow_model(copy.deepcopy(model), paths[:1], ArrowConfig(top_k=2), example_inputs=(ids,))
+
+
+def test_alora_activates_after_the_invocation_as_peft(tmp_path):
+    """aLoRA: the adapter acts from the last invocation sequence of each row on (none: the base model), in the graph
+    from input_ids: outputs, loss and gradients equal PEFT's; generation equals PEFT's; not merged; checkpoints
+    both ways."""
+    c = ZOO["llama"]
+    model = c.build()
+    ids = torch.randint(10, 96, (3, 12), generator=torch.Generator().manual_seed(0))
+    ids[0, 4:6] = torch.tensor([3, 5])
+    ids[1, 2:4] = ids[1, 9:11] = torch.tensor([3, 5])  # the last occurrence counts; row 2 never invokes it
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM",
+                        alora_invocation_tokens=[3, 5], init_lora_weights=False)
+    torch.manual_seed(1)
+    pm = get_peft_model(copy.deepcopy(model), config).eval()
+    torch.manual_seed(1)
+    lm = lora_fx.lorafy(copy.deepcopy(model), config, example_inputs=(ids,)).eval()
+    losses = [m(input_ids=ids, labels=ids).loss for m in (pm, lm)]
+    assert rel_err(losses[1], losses[0]) < 1e-6
+    for loss in losses:
+        loss.backward()
+    for key, unit in lm.adapters.units("default").items():
+        layer = pm.base_model.model.get_submodule(key)
+        assert rel_err(unit.lora_A.grad, layer.lora_A["default"].weight.grad) < 1e-5, key
+    with torch.no_grad():
+        ours, base = lm(ids).logits, model(ids).logits
+        assert rel_err(ours, pm(input_ids=ids).logits) < 1e-6
+        assert torch.equal(ours[2], base[2]) and torch.equal(ours[0, :4], base[0, :4]) and torch.equal(
+            ours[1, :9], base[1, :9])
+        assert not torch.allclose(ours[0, 4:], base[0, 4:])
+    assert torch.equal(lm.generate(ids, max_new_tokens=6),
+                       pm.generate(input_ids=ids, max_new_tokens=6, do_sample=False))
+    with pytest.raises(lora_fx.AdapterError, match="aLoRA"):
+        lm.generate(ids, max_new_tokens=4, num_beams=2)
+    with pytest.raises(lora_fx.MergeError, match="aLoRA"):
+        lm.merge()
+    lm.save_pretrained(tmp_path / "mine")
+    back = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "mine").eval()
+    pm.save_pretrained(tmp_path / "peft")
+    loaded = lora_fx.from_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(ids,)).eval()
+    with torch.no_grad():
+        assert rel_err(back(input_ids=ids).logits, ours) < 1e-6
+        assert rel_err(loaded(ids).logits, ours) < 1e-6

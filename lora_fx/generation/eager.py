@@ -47,8 +47,10 @@ def branches(lm) -> dict[str, list]:
 
 
 @contextlib.contextmanager
-def attached(lm) -> Iterator[None]:
-    """The active adapters added to the model's own layers (forward hooks) for the span of the block."""
+def attached(lm, context: dict | None = None) -> Iterator[None]:
+    """The active adapters added to the model's own layers (forward hooks) for the span of the block; ``context``:
+    the call's ``input_ids`` (for variants that read them, aLoRA)."""
+    context = dict(context or {})
     source = lm.state.captured.source
     handles = []
     try:
@@ -61,19 +63,19 @@ def attached(lm) -> Iterator[None]:
             for unit in units:
                 unit.variant.eager(unit, torch.zeros(1, unit.geometry.in_features, dtype=unit.lora_A.dtype,
                                                      device=unit.lora_A.device))  # refuses before anything runs
-            handles.append(module.register_forward_hook(_adder(units)))
+            handles.append(module.register_forward_hook(_adder(units, context)))
         yield
     finally:
         for h in handles:
             h.remove()
 
 
-def _adder(units: list):
+def _adder(units: list, context: dict):
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
         x = args[0]
         result = output
         for unit in units:
-            result = result + unit.variant.eager(unit, x.to(unit.lora_A.dtype))
+            result = result + unit.variant.eager(unit, x.to(unit.lora_A.dtype), context)
         return result.to(output.dtype)
     return hook
 

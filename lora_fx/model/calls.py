@@ -168,9 +168,10 @@ class CallsMixin:
         from ..generation.generate import generate
         from ..generation.sampling import SamplingConfig
 
-        model = self._state.captured.source
+        model, state = self._state.captured.source, self._state
         own = generation_config is not None or bool(kwargs) or input_ids is None or getattr(
-            getattr(model, "config", None), "is_encoder_decoder", False)
+            getattr(model, "config", None), "is_encoder_decoder", False) or any(
+            not u.variant.decodes for n in state.active for u in state.entries[n].by_key.values())
         if adapter_names is not None:
             if own:
                 raise AdapterError("adapter_names (one adapter per row) runs on lm.generate's own graphs, which take "
@@ -214,7 +215,7 @@ class CallsMixin:
             training = model.training
             model.eval()
             try:
-                with attached(self):
+                with attached(self, {"input_ids": args.get("input_ids")}):
                     return model.generate(**args)
             finally:
                 model.train(training)

@@ -52,6 +52,23 @@ class StoreInputs:
     def __init__(self, graph: fx.Graph, route: fx.Node | None = None, untied: dict[str, str] | None = None) -> None:
         self.graph, self._route, self.untied = graph, route, dict(untied or {})
         self._weights: dict[str, fx.Node] = {}
+        self._masks: dict[tuple[int, ...], fx.Node | None] = {}
+
+    def invocation_mask(self, tokens: tuple[int, ...]) -> fx.Node | None:
+        """``[batch, length]``: True from the last occurrence of ``tokens`` in each row of the graph's ``input_ids``
+        on (``ops.invocation.invocation_mask``); None when the graph takes no ``input_ids``."""
+        if tokens not in self._masks:
+            from ..ops.invocation import invocation_mask
+
+            ids = next((n for n in self.graph.nodes if n.op == "placeholder" and n.target == "input_ids"), None)
+            node = None
+            if ids is not None:
+                last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+                with self.graph.inserting_after(last):
+                    node = new_node(self.graph, "call_function", invocation_mask, (ids, tokens),
+                                    "lora_invocation_mask", {"role": "input"})
+            self._masks[tokens] = node
+        return self._masks[tokens]
 
     def _get(self, path: str, name: str) -> fx.Node:
         return new_node(self.graph, "get_attr", path, (), ident(name), {"role": "input"})
@@ -92,6 +109,7 @@ class BlockInputs:
         self.dropouts: list[tuple[Ref, str]] = []
         self._weights: dict[str, fx.Node] = {}
         self._route: fx.Node | None = None
+        self._masks: dict[tuple[int, ...], fx.Node] = {}
         self._last = [n for n in graph.nodes if n.op == "placeholder"][-1]
 
     def _placeholder(self, name: str, what: Ref | str) -> fx.Node:
@@ -121,6 +139,12 @@ class BlockInputs:
         if self._route is None:
             self._route = self._placeholder("bank__route", "route")
         return self._route
+
+    def invocation_mask(self, tokens: tuple[int, ...]) -> fx.Node:
+        """The outer graph's invocation mask for ``tokens`` (see ``StoreInputs``), as a block input."""
+        if tokens not in self._masks:
+            self._masks[tokens] = self._placeholder(f"invocation__{len(self._masks)}", ("invocation", tokens))
+        return self._masks[tokens]
 
     def weight(self, t) -> fx.Node | None:
         if t.key not in self.untied:

@@ -25,6 +25,8 @@ def wire_block_calls(graph: fx.Graph, ctx: GraphContext) -> list[Record]:
             for ref in order:
                 if ref == "route":
                     extra.append(ctx.inputs.route())
+                elif isinstance(ref, tuple) and ref[0] == "invocation":
+                    extra.append(ctx.inputs.invocation_mask(ref[1]))
                 else:
                     extra.append(graph.get_attr(ctx.plan.resolve(ref, f"{ctx.key_prefix}{node.target}.{ref.key}")))
         node.args = (*node.args, *extra)

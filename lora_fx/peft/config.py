@@ -27,7 +27,7 @@ from ..variants import inits, mixed, peft_fields, rule_fields
 # Options that change what PEFT builds and that this version does not reproduce: refuse, never ignore.
 _UNSUPPORTED_WHEN_SET = (
     "megatron_config",
-    "eva_config", "alora_invocation_tokens",
+    "eva_config",
     "arrow_config",
 )
 
@@ -88,7 +88,7 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
         loftq=_sub_config(c, "loftq_config") or None if init == "loftq" else None,
         lora_ga=_sub_config(c, "lora_ga_config") if init == "lora_ga" else None,
         corda=_sub_config(c, "corda_config") if init == "corda" else None,
-        monteclora=_sub_config(c, "monteclora_config"),
+        monteclora=_sub_config(c, "monteclora_config"), alora=c.get("alora_invocation_tokens") or None,
     )
     rules = []
     excludes = c.get("exclude_modules")

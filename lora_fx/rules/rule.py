@@ -77,6 +77,7 @@ class Rule(metaclass=_Checked):
     corda: str | None = None  # init="corda": "ipm" (default) or "kpm"
     monteclora: tuple | None = None  # MonteCLoRA: PEFT's MontecloraConfig values (a dict or True for its defaults)
     arrow: Any = None  # Arrow: the router's ``variants.arrow.ArrowSpec`` (built by ``create_arrow_model``)
+    alora: tuple[int, ...] | None = None  # activated LoRA: the invocation token ids (PEFT's alora_invocation_tokens)
 
     def __post_init__(self) -> None:
         patterns = (self.match,) if isinstance(self.match, str) else tuple(self.match)
@@ -130,7 +131,13 @@ class Rule(metaclass=_Checked):
         object.__setattr__(self, "lora_ga", _lora_ga(self) if self.init == "lora_ga" else None)
         object.__setattr__(self, "corda", _corda(self) if self.init == "corda" else None)
         object.__setattr__(self, "monteclora", _monteclora(self) if self.monteclora not in (None, False) else None)
-        chosen = [n for n in ("kasa", "velora", "monteclora", "arrow") if getattr(self, n) is not None]
+        if self.alora is not None:
+            tokens = tuple(self.alora) if isinstance(self.alora, (list, tuple)) else None
+            if not tokens or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+                raise RuleError(f"Rule {self.label}: alora must be a non-empty sequence of token ids, got "
+                                f"{self.alora!r}.")
+            object.__setattr__(self, "alora", tokens)
+        chosen = [n for n in ("kasa", "velora", "monteclora", "arrow", "alora") if getattr(self, n) is not None]
         if len(chosen) > 1:
             raise RuleError(f"Rule {self.label}: {' and '.join(chosen)} are separate PEFT variants; choose one.")
 

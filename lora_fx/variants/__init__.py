@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from .alora import Alora
 from .arrow import Arrow
 from .base import PLAIN, Variant
 from .bdlora import BdLora
@@ -41,6 +42,8 @@ def resolve(rule: Any) -> Variant:
     """The variant a (validated) rule asks for."""
     if rule.arrow is not None:
         return Arrow(rule.arrow)
+    if rule.alora is not None:
+        return Alora(rule.alora)
     if rule.init == "mica":
         return MICA
     if rule.init == "loftq":
@@ -86,4 +89,5 @@ def mixed(variants: Iterable[Variant]) -> list[str]:
 
 
 __all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Kasa", "Velora", "Loftq", "LoraGA",
-           "Corda", "Monteclora", "Arrow", "Sliced", "resolve", "peft_fields", "rule_fields", "mixed", "PEFT_FIELDS"]
+           "Corda", "Monteclora", "Arrow", "Alora", "Sliced", "resolve", "peft_fields", "rule_fields", "mixed",
+           "PEFT_FIELDS"]

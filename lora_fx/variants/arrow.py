@@ -109,7 +109,7 @@ class Arrow(Variant):
         raise CheckpointError("an Arrow router is built from the task adapters (lora_fx.create_arrow_model); save "
                               "those (lm.save_pretrained(dir, selected_adapters=[...])) and build the router again.")
 
-    def eager(self, unit, x):
+    def eager(self, unit, x, context=None):
         return arrow_delta(x, unit.arrow_prototypes, unit.arrow_a, unit.arrow_b, unit.arrow_scales, self.spec.top_k,
                            self.spec.temperature)
 

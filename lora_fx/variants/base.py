@@ -42,6 +42,7 @@ class Variant:
     casts_output = True  # its branch output is cast back to the base dtype by the insert pass
     frozen: tuple[str, ...] = ()  # unit tensors that never train (MiCA's B)
     exclusive = False  # its adapters cannot share a model with adapters of other variants (KaSA, as PEFT)
+    decodes = True  # lm.generate may run it in its static-cache graphs (aLoRA: the model's own generate)
     loss_reduction = "sum"  # how ``lm.variant_loss()`` combines its units' ``regularization`` terms ("sum", "mean")
 
     def __repr__(self) -> str:
@@ -158,9 +159,10 @@ class Variant:
         return bb.new("call_function", operator.add, (bb.y, scaled), "lora")
 
     # ---- eager (transformers' own generate) ----------------------------------------------------------------
-    def eager(self, unit: LoraUnit, x: torch.Tensor) -> torch.Tensor:
+    def eager(self, unit: LoraUnit, x: torch.Tensor, context: dict | None = None) -> torch.Tensor:
         """The branch ``s · B A x`` in eval, computed as PEFT's layer computes it (no graph; ``generation.eager``
-        adds it to the layer's output). Linear targets that read the input ``x``."""
+        adds it to the layer's output). Linear targets that read the input ``x``; ``context``: the call's
+        ``input_ids`` (aLoRA reads them)."""
         if unit.strategy.name != "linear" or getattr(unit.geometry, "left", False):
             raise RuleError(f"{unit.key!r} is a {unit.kind} target; transformers' generate path runs LoRA on linear "
                             "layers only. Use lm.generate's own arguments (greedy, sampling), or merge first.")

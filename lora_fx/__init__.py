@@ -10,11 +10,12 @@ from .report import RewriteReport
 from .rules import Rule, RuleSet
 from .variants.arrow import create_arrow_model
 from .variants.corda import preprocess_corda
+from .variants.eva import get_eva_state_dict, initialize_lora_eva_weights
 from .variants.loraga import preprocess_loraga
 
 __all__ = [
     "lorafy", "from_peft", "compile", "export", "package", "swap_adapter", "fully_shard", "clear_capture_cache",
-    "preprocess_loraga", "preprocess_corda", "create_arrow_model",
+    "preprocess_loraga", "preprocess_corda", "create_arrow_model", "get_eva_state_dict", "initialize_lora_eva_weights",
     "Rule", "RuleSet",
     "LoraModel", "RewriteReport",
     "LoraFxError", "RuleError", "CaptureError", "AdapterError", "CheckpointError", "MergeError", "RuleWarning",

@@ -445,3 +445,48 @@ def test_alora_activates_after_the_invocation_as_peft(tmp_path):
     with torch.no_grad():
         assert rel_err(back(input_ids=ids).logits, ours) < 1e-6
         assert rel_err(loaded(ids).logits, ours) < 1e-6
+
+
+def test_eva_equals_peft(tmp_path):
+    """EVA: the same state dict as PEFT's get_eva_state_dict (incremental PCA per layer, q/k/v sharing one input,
+    ranks redistributed), the adapter rebuilt with those ranks and A's (B zero: outputs unchanged), alpha adjusted;
+    checkpoints load in PEFT."""
+    from peft.tuners.lora.config import EvaConfig
+    from peft.tuners.lora.eva import get_eva_state_dict as peft_eva
+    from peft.tuners.lora.eva import initialize_lora_eva_weights as peft_initialize
+
+    c = ZOO["llama"]
+    model, ids = c.build(), c.inputs()[0]
+    g = torch.Generator().manual_seed(4)
+    batches = [{"input_ids": torch.randint(0, 96, (2, 16), generator=g),
+                "attention_mask": torch.ones(2, 16, dtype=torch.long)} for _ in range(6)]
+    batches[0]["attention_mask"][0, :3] = 0
+    def config():  # PEFT's initialize writes the new ranks into the config it was given: one each
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+                          init_lora_weights="eva", eva_config=EvaConfig(rho=2.0, tau=0.7))
+    pm = get_peft_model(copy.deepcopy(model), config())
+    prefixed = peft_eva(pm, batches, show_progress_bar=False)  # PEFT's own flow: on the PeftModel
+    theirs = {k.replace("base_model.model.", "", 1): v for k, v in prefixed.items()}
+    ours = lora_fx.get_eva_state_dict(copy.deepcopy(model), batches, config())
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        assert ours[name].shape == theirs[name].shape, name
+        if theirs[name].numel():
+            assert rel_err(ours[name], theirs[name]) < 1e-4, name
+    assert len({w.shape[0] for w in theirs.values()}) > 1  # the budget was redistributed
+    peft_initialize(pm, eva_state_dict=prefixed, show_progress_bar=False)
+    lm = lora_fx.lorafy(copy.deepcopy(model), config(), example_inputs=(ids,))
+    lora_fx.initialize_lora_eva_weights(lm, batches)
+    for key, unit in lm.adapters.units("default").items():
+        layer = pm.base_model.model.get_submodule(key)
+        assert unit.r == layer.r["default"] and unit.scaling == layer.scaling["default"], key
+        assert rel_err(unit.lora_A, layer.lora_A["default"].weight) < 1e-4, key
+    assert set(lm.adapters.units("default")) == {k for k, v in theirs.items() if v.shape[0]}
+    with torch.no_grad():
+        assert rel_err(lm(ids).logits, model(ids).logits) < 1e-6  # B is zero
+        for _, unit in lm.adapters.iter_units():
+            unit.lora_B.normal_(0, 0.1)
+    lm.save_pretrained(tmp_path)
+    back = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, lm.eval()(ids).logits) < 1e-6

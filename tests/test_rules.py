@@ -106,5 +106,5 @@ def test_all_linear_shorthand():
 def test_unsupported_init_in_adapter_config_is_refused():
     from lora_fx.peft.config import ruleset_from_peft_config
 
-    with pytest.raises(RuleError, match="init_lora_weights='eva'"):
-        ruleset_from_peft_config({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "eva"})
+    with pytest.raises(RuleError, match="init_lora_weights='xavier'"):
+        ruleset_from_peft_config({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "xavier"})

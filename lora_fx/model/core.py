@@ -42,7 +42,18 @@ from .report import ReportMixin
 from .state import LoraState, Options
 from .transaction import StateLock, Transaction
 from .unloaded import serve_like
-from .verbs import Change, copies, links, plan_add, plan_delete, plan_merge, plan_set, plan_unmerge, restack
+from .verbs import (
+    Change,
+    copies,
+    links,
+    plan_add,
+    plan_delete,
+    plan_merge,
+    plan_replace,
+    plan_set,
+    plan_unmerge,
+    restack,
+)
 
 
 class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, DtypeMixin, DerivedGraphsMixin, PeftCompatMixin,
@@ -216,6 +227,12 @@ class LoraModel(CallsMixin, CheckpointMixin, ReportMixin, DtypeMixin, DerivedGra
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._verb(lambda s: plan_delete(s, adapter_name))
+
+    def replace_adapter(self, adapter_name: str, rules: RuleLike,
+                        tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+        """Rebuild adapter ``adapter_name`` from ``rules`` in one verb (all or nothing), its units' tensors set from
+        ``tensors`` ({key: {"lora_A": ...}}) where given; it stays as active as it was (EVA's rank redistribution)."""
+        self._verb(lambda s: plan_replace(s, adapter_name, rules, tensors or {}))
 
     def refresh(self) -> None:
         """Rebuild the graphs from the pristine captured ones and the adapter state (a bank is restacked from the

@@ -248,6 +248,28 @@ def plan_set(state: LoraState, names: str | Iterable[str]) -> Change:
     return Change(new, [copies([(state.bank.default_route, route)])], derive=False)
 
 
+def plan_replace(state: LoraState, name: str, rules: RuleLike, tensors: dict[str, dict[str, torch.Tensor]]) -> Change:
+    """Adapter ``name`` rebuilt from ``rules`` (units' tensors from ``tensors``: key -> {attribute: value}), keeping its
+    place among the active adapters."""
+    old = state.entry(name)
+    if name in state.merged:
+        raise MergeError(f"Adapter {name!r} is merged into the weights; unmerge() before replacing it.")
+    without = state.next(entries={n: e for n, e in state.entries.items() if n != name})
+    entry, residuals = new_entry(without, name, rules, autocast=True)
+    entry.peft_config = old.peft_config
+    with torch.no_grad():
+        for key, values in tensors.items():
+            for attr, value in values.items():
+                target = getattr(entry.by_key[key], attr)
+                if tuple(target.shape) != tuple(value.shape):
+                    raise AdapterError(f"{attr} of {key!r}: shape {tuple(value.shape)}, the new unit's is "
+                                       f"{tuple(target.shape)}.")
+                target.copy_(value)
+    change = with_entry(without, name, entry, residuals, frozen=name in state.frozen)
+    change.state = change.state.next(active=state.active)
+    return restack(change)
+
+
 def plan_delete(state: LoraState, name: str) -> Change:
     if name in state.merged:
         raise MergeError(f"Adapter {name!r} is merged into the weights; unmerge() before deleting it.")

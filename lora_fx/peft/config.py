@@ -27,7 +27,6 @@ from ..variants import inits, mixed, peft_fields, rule_fields
 # Options that change what PEFT builds and that this version does not reproduce: refuse, never ignore.
 _UNSUPPORTED_WHEN_SET = (
     "megatron_config",
-    "eva_config",
     "arrow_config",
 )
 
@@ -54,7 +53,7 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
     if init == "default" or not inits.is_init(init):  # named first: PEFT fills e.g. eva_config from it
         raise RuleError(
             f"LoraConfig.init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'orthogonal', "
-            "'mica', 'loftq', 'lora_ga', 'corda', 'pissa', 'pissa_niter_<K>' or 'olora'."
+            "'mica', 'loftq', 'lora_ga', 'corda', 'eva', 'pissa', 'pissa_niter_<K>' or 'olora'."
         )
     if c.get("arrow_config") not in (None, {}):
         raise RuleError("LoraConfig.arrow_config: an Arrow router is built over task adapters already loaded; use "
@@ -143,6 +142,8 @@ _SUB_CONFIGS = {"kasa_config": ("KasaConfig", ("beta", "gamma")),
                 "lora_ga_config": ("LoraGAConfig", ("direction", "scale", "stable_gamma")),
                 "corda_config": ("CordaConfig", ("cache_file", "covariance_file", "corda_method", "verbose",
                                                  "use_float16_for_covariance", "prune_temporary_fields")),
+                "eva_config": ("EvaConfig", ("rho", "tau", "use_label_mask", "label_mask_value", "whiten",
+                                             "adjust_scaling_factors")),
                 "monteclora_config": ("MontecloraConfig", ("num_samples", "use_entropy", "dirichlet_prior",
                                                            "sample_scaler", "kl_loss_weight", "buffer_size"))}
 
@@ -171,7 +172,7 @@ AS_GIVEN = ("task_type", "target_modules", "target_parameters", "exclude_modules
             "layers_pattern",
             "modules_to_save", "base_model_name_or_path", "revision", "r", "lora_alpha", "rank_pattern",
             "alpha_pattern", "lora_dropout", "trainable_token_indices", "ensure_weight_tying",
-            "layer_replication", "use_bdlora")
+            "layer_replication", "use_bdlora", "eva_config")
 TASKS = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
          "ForQuestionAnswering": "QUESTION_ANS", "ForConditionalGeneration": "SEQ_2_SEQ_LM",
          "ForSeq2SeqLM": "SEQ_2_SEQ_LM"}
@@ -183,7 +184,7 @@ def _as_given(c: dict[str, Any]) -> dict[str, Any]:
         if name in c:
             value = c[name]
             value = str(value).split(".")[-1] if name == "task_type" and value is not None else value
-            value = _bdlora(c) if name == "use_bdlora" else value
+            value = _bdlora(c) if name == "use_bdlora" else _sub_config(c, name) if name == "eva_config" else value
             out[name] = sorted(value) if isinstance(value, (set, frozenset)) else value
     return out
 
@@ -364,7 +365,7 @@ def _bdlora_for(units: list) -> dict[str, Any] | None:
 
 def _init_for_peft(units: list) -> bool | str:
     """Inits from W keep their scheme, so PEFT re-derives the residual base when loading them."""
-    schemes = {u.init for u in units if inits.is_weight_init(u.init) or u.init in inits.VARIANT_INITS}
+    schemes = {u.init for u in units if inits.is_weight_init(u.init) or u.init in (*inits.VARIANT_INITS, "eva")}
     if len(schemes) > 1 or (schemes and len(schemes) != len({u.init for u in units})):
         raise CheckpointError(f"PEFT cannot express an adapter that mixes inits {sorted(map(str, schemes))} with "
                               "others; save them as separate adapters.")

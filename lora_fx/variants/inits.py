@@ -31,7 +31,7 @@ from ..errors import RuleError
 if TYPE_CHECKING:
     from ..adapters.unit import LoraUnit
 
-RANDOM_INITS = (True, False, "default", "gaussian", "orthogonal")
+RANDOM_INITS = (True, False, "default", "gaussian", "orthogonal", "eva")  # eva: B zero, A until EVA sets it
 VARIANT_INITS = ("mica", "loftq", "lora_ga", "corda")  # inits that are variants of their own (``variants.mica``, ...)
 WEIGHT_INITS = ("pissa", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")
@@ -50,6 +50,8 @@ def is_init(init: object) -> bool:
 def random_part(init: bool | str) -> bool | str:
     """What the kind's random init draws for ``init``: a weight init or the orthogonal one keeps the first draw only
     (PEFT's order: the layers' own init, then the scheme's)."""
+    if init == "eva":
+        return True
     return False if is_weight_init(init) or init in ("orthogonal", *VARIANT_INITS) else init
 
 

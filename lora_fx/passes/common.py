@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import fx
 
+from ..ops.invocation import invocation_mask
 from .plan import Ref
 
 TAG = "lora_fx"
@@ -58,8 +59,6 @@ class StoreInputs:
         """``[batch, length]``: True from the last occurrence of ``tokens`` in each row of the graph's ``input_ids``
         on (``ops.invocation.invocation_mask``); None when the graph takes no ``input_ids``."""
         if tokens not in self._masks:
-            from ..ops.invocation import invocation_mask
-
             ids = next((n for n in self.graph.nodes if n.op == "placeholder" and n.target == "input_ids"), None)
             node = None
             if ids is not None:

@@ -24,6 +24,7 @@ from peft import LoraConfig, get_peft_model
 import lora_fx
 
 BATCH, SEQ = 4, 128
+INVOCATION = [7, 11]  # every row invokes aLoRA at position 64
 
 
 def configs() -> dict[str, dict]:
@@ -37,6 +38,7 @@ def configs() -> dict[str, dict]:
         "KaSA": {"kasa_config": KasaConfig()},
         "VeLoRA (64 groups)": {"velora_config": VeloraConfig()},
         "MonteCLoRA (8 samples)": {"monteclora_config": MontecloraConfig()},
+        "aLoRA (invoked mid-sequence)": {"alora_invocation_tokens": INVOCATION, "task_type": "CAUSAL_LM"},
     }
 
 
@@ -56,6 +58,7 @@ def stepper(model, ids, regularizer):
 def one_variant(name: str, extra: dict, rounds: int) -> dict:
     base = llama()
     ids = torch.randint(0, 8000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    ids[:, 64:66] = torch.tensor(INVOCATION)
     torch.manual_seed(1)
     config = LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS, init_lora_weights=False, **extra)
     peft = get_peft_model(copy.deepcopy(base), config)

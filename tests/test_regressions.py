@@ -223,7 +223,9 @@ def test_an_encoder_decoder_is_captured_without_its_decoders_cache():
     assert flags() == before and True in before  # put back as they were
 
 
-def test_generate_on_an_encoder_decoder_names_the_remedy():
+def test_generate_on_an_encoder_decoder_runs_the_adapters():
+    """lm.generate on T5 (once refused, naming merge as the remedy) runs the model's own generate with the adapters:
+    the tokens a merged model generates."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -231,13 +233,12 @@ def test_generate_on_an_encoder_decoder_names_the_remedy():
     model = tf.T5ForConditionalGeneration(cfg).eval()
     src, tgt = torch.randint(0, 96, (2, 7)), torch.randint(0, 96, (2, 5))
     lm = lora_fx.lorafy(model, Rule(["q", "v"], init=False), example_inputs=(src,), example_kwargs={"labels": tgt})
-    with pytest.raises(lora_fx.AdapterError, match="encoder-decoder.*lm.merge"):
-        lm.generate(src, max_new_tokens=3)
+    ours = lm.generate(src, max_new_tokens=3)
     with torch.no_grad():
         adapted = lm(src, labels=tgt).logits
         base = model(src, labels=tgt, use_cache=False).logits
     assert not torch.allclose(adapted, base, atol=1e-4)
-    lm.merge()  # the remedy it names: the model's own forward (and so its generate) sees the adapter
+    lm.merge()  # the model's own forward (and so its generate) now sees the adapter
     with torch.no_grad():
         assert torch.allclose(model(src, labels=tgt, use_cache=False).logits, adapted, atol=1e-5)
-        assert model.generate(src, max_new_tokens=3, do_sample=False).shape[0] == 2
+        assert torch.equal(model.generate(src, max_new_tokens=3, do_sample=False), ours)

@@ -107,8 +107,13 @@ def test_checkpoints_keep_task_type_and_target_modules_as_given(tmp_path):
 
 
 def test_an_unsupported_init_is_named_by_its_own_field():
-    with pytest.raises(RuleError, match="init_lora_weights='eva'"):
-        lora_fx.lorafy(ZOO["mlp"].build(), LoraConfig(target_modules=["fc1"], init_lora_weights="eva"))
+    from lora_fx.peft.config import ruleset_from_peft_config
+
+    with pytest.raises(RuleError, match="init_lora_weights='xavier'"):
+        ruleset_from_peft_config({"target_modules": ["fc1"], "init_lora_weights": "xavier", "eva_config": None})
+    model = ZOO["mlp"].build()  # "eva" itself is supported: B zero until initialize_lora_eva_weights sets A
+    lm = lora_fx.lorafy(model, LoraConfig(target_modules=["fc1"], init_lora_weights="eva"))
+    assert not lm.unit("fc1").lora_B.any()
 
 
 def test_generate_raises_no_deprecation_warning():

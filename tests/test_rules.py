@@ -81,7 +81,7 @@ def test_lora_config_translation():
 
 @pytest.mark.parametrize("cfg,fragment", [
     (dict(target_modules=["q"], use_qalora=True), "use_qalora"),
-    (dict(target_modules=["q"], eva_config={"rho": 2.0}), "eva_config"),
+    (dict(target_modules=["q"], arrow_config={"top_k": 1}), "create_arrow_model"),
     (dict(target_modules=None), "target_modules"),
 ])
 def test_unsupported_lora_config_options_are_refused(cfg, fragment):

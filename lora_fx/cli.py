@@ -66,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"package saved to {args.out} (torch._inductor.aoti_load_package to run it)")
     elif args.command == "cache":
-        if args.action == "clear":
-            print(f"removed {clear_capture_cache()} capture cache entries")
-        else:
-            print(cache_info())
+        try:
+            print(f"removed {clear_capture_cache()} capture cache entries" if args.action == "clear"
+                  else cache_info())
+        except ValueError as e:
+            print(f"lora-fx cache: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

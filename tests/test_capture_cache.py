@@ -178,6 +178,9 @@ def test_off_and_clear(cache, exports, monkeypatch, capsys):
     assert str(cache) in capsys.readouterr().out
     assert cli_main(["cache", "clear"]) == 0
     assert "removed 1" in capsys.readouterr().out and _entries(cache) == []
+    monkeypatch.setenv("LORA_FX_CAPTURE_CACHE_MB", "lots")
+    assert cli_main(["cache", "info"]) == 2
+    assert "LORA_FX_CAPTURE_CACHE_MB='lots'" in capsys.readouterr().err
 
 
 def test_generation_graphs_are_cached_with_their_shared_kv_cache(cache, exports):

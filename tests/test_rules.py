@@ -49,6 +49,7 @@ def test_scaling_and_rslora():
     (dict(dropout=-0.1), "dropout must be in [0, 1)"),
     (dict(kinds={"lstm"}), "unknown kinds"),
     (dict(init="xavier"), "init must be one of"),
+    (dict(loftq=(4, 1)), "pass init='loftq' too"),
 ])
 def test_bad_rules_name_the_rule(kwargs, fragment):
     with pytest.raises(RuleError) as e:

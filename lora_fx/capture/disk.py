@@ -65,7 +65,12 @@ def enabled() -> bool:
 
 
 def capacity_bytes() -> int:
-    return max(1, int(float(os.environ.get("LORA_FX_CAPTURE_CACHE_MB", "256")) * 2**20))
+    value = os.environ.get("LORA_FX_CAPTURE_CACHE_MB", "256")
+    try:
+        return max(1, int(float(value) * 2**20))
+    except ValueError:
+        raise ValueError(f"LORA_FX_CAPTURE_CACHE_MB={value!r}: give the capture cache's cap in MiB (a number, "
+                         "default 256).") from None
 
 
 def clear_capture_cache() -> int:
@@ -83,7 +88,7 @@ def cache_info() -> str:
     size = sum(f.stat().st_size for f in entries if f.exists())
     state = "on" if enabled() else "off (LORA_FX_CAPTURE_CACHE=0)"
     return (f"capture cache: {cache_dir()} ({state}); {len(entries)} entries, {size / 2**20:.1f} MiB "
-            f"of at most {capacity_bytes() / 2**20:.0f} MiB (LORA_FX_CAPTURE_CACHE_MB)")
+            f"of at most {capacity_bytes() / 2**20:.1f} MiB (LORA_FX_CAPTURE_CACHE_MB)")
 
 
 @dataclass

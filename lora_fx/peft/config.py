@@ -57,8 +57,8 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
         )
     if c.get("arrow_config") not in (None, {}):
         raise RuleError("LoraConfig.arrow_config: an Arrow router is built over task adapters already loaded; use "
-                        "lora_fx.create_arrow_model(model, task_adapter_dirs, arrow_config, general_adapter_dirs, "
-                        "example_inputs=...), as PEFT's create_arrow_model.")
+                        "lora_fx.create_arrow_model(model, task_specific_adapter_paths, arrow_config, "
+                        "general_adapter_paths, example_inputs=...), as PEFT's create_arrow_model.")
     for name in _UNSUPPORTED_WHEN_SET:
         if c.get(name) not in (None, [], {}, ""):
             raise RuleError(

@@ -128,6 +128,10 @@ class Rule(metaclass=_Checked):
             object.__setattr__(self, "block_diagonal", (side, n))
         object.__setattr__(self, "kasa", kasa_field(self) if self.kasa not in (None, False) else None)
         object.__setattr__(self, "velora", velora_field(self) if self.velora not in (None, False) else None)
+        for name in ("loftq", "lora_ga", "corda"):
+            if getattr(self, name) is not None and self.init != name:
+                raise RuleError(f"Rule {self.label}: {name}={getattr(self, name)!r} sets up init={name!r}, but the "
+                                f"rule's init is {self.init!r}; pass init={name!r} too.")
         object.__setattr__(self, "loftq", loftq_field(self) if self.init == "loftq" else None)
         object.__setattr__(self, "lora_ga", lora_ga_field(self) if self.init == "lora_ga" else None)
         object.__setattr__(self, "corda", corda_field(self) if self.init == "corda" else None)

@@ -14,6 +14,16 @@ import lora_fx
 from lora_fx import Rule
 
 
+def _same_init_as_peft(lm, pm):
+    """A, B and the residual base weight of every unit equal PEFT's layer's."""
+    base = lm.get_base_model()
+    for key, unit in lm.adapters.units("default").items():
+        layer = pm.base_model.model.get_submodule(key)
+        assert rel_err(unit.lora_A, layer.lora_A["default"].weight) < 1e-4, key
+        assert rel_err(unit.lora_B, layer.lora_B["default"].weight) < 1e-4, key
+        assert rel_err(base.get_submodule(key).weight, layer.base_layer.weight) < 1e-5, key
+
+
 @contextlib.contextmanager
 def peft_loftq_on_cpu():
     """PEFT's ``loftq_init`` computes on "cuda" or "xpu" only: run PEFT's own code on this CPU by answering its
@@ -117,19 +127,14 @@ def test_lora_ga_equals_peft(direction, scale, tmp_path):
     pm = get_peft_model(theirs, config).eval()
     torch.manual_seed(7)
     lm = lora_fx.lorafy(mine, config, **c.lorafy_kwargs()).eval()
-    base = lm.get_base_model()
-    for key, unit in lm.adapters.units("default").items():
-        layer = pm.base_model.model.get_submodule(key)
-        assert rel_err(unit.lora_A, layer.lora_A["default"].weight) < 1e-4, key
-        assert rel_err(unit.lora_B, layer.lora_B["default"].weight) < 1e-4, key
-        assert rel_err(base.get_submodule(key).weight, layer.base_layer.weight) < 1e-5, key
+    _same_init_as_peft(lm, pm)
     with torch.no_grad():
         want = model(ids).logits
         assert rel_err(lm(ids).logits, want) < 1e-5
         assert rel_err(lm(ids).logits, pm(ids).logits) < 1e-5
         lm.merge()
         for key in lm.adapters.units("default"):
-            assert rel_err(base.get_submodule(key).weight, model.get_submodule(key).weight) < 1e-5, key
+            assert rel_err(lm.get_base_model().get_submodule(key).weight, model.get_submodule(key).weight) < 1e-5, key
         lm.unmerge()
     lm.save_pretrained(tmp_path)
     assert lm.peft_config["default"].init_lora_weights == "lora_ga"
@@ -164,12 +169,7 @@ def test_corda_equals_peft(name, method, tmp_path):
             assert rel_err(module.eigens.S_WC, theirs.get_submodule(module_name).eigens.S_WC) < 1e-5, module_name
     pm = get_peft_model(theirs, config).eval()
     lm = lora_fx.lorafy(mine, config, **c.lorafy_kwargs()).eval()
-    base = lm.get_base_model()
-    for key, unit in lm.adapters.units("default").items():
-        layer = pm.base_model.model.get_submodule(key)
-        assert rel_err(unit.lora_A, layer.lora_A["default"].weight) < 1e-4, key
-        assert rel_err(unit.lora_B, layer.lora_B["default"].weight) < 1e-4, key
-        assert rel_err(base.get_submodule(key).weight, layer.base_layer.weight) < 1e-5, key
+    _same_init_as_peft(lm, pm)
     with torch.no_grad():
         want = model(ids).logits
         assert rel_err(lm(ids).logits, want) < 1e-5

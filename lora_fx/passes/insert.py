@@ -61,11 +61,15 @@ class BranchBuilder:
     def dropout_path(self) -> str:
         return self.inputs.unit_dropout(self.branch, self.target)
 
+    def cast(self) -> fx.Node:
+        """The base node's input in the adapter's dtype (a cast only when they differ)."""
+        if self.unit.lora_A.dtype == self.base_dtype:
+            return self.x
+        return self.new("call_method", "to", (self.x, self.unit.lora_A.dtype), "lora_in")
+
     def activation(self) -> fx.Node:
         """The branch's input: cast to the adapter's dtype and dropped out, where the kind reads activations."""
-        x = self.x
-        if self.kind.reads_activation and self.unit.lora_A.dtype != self.base_dtype:
-            x = self.new("call_method", "to", (x, self.unit.lora_A.dtype), "lora_in")
+        x = self.cast() if self.kind.reads_activation else self.x
         if self.kind.reads_activation and self.unit.dropout_p > 0:
             x = self.dropout_node = self.new("call_module", self.dropout_path(), (x,), "lora_dropout")
         return x

@@ -34,17 +34,12 @@ class Alora(Variant):
     def __init__(self, tokens: tuple[int, ...]) -> None:
         self.tokens = tuple(tokens)
 
-    def __repr__(self) -> str:
-        return f"Alora({self.tokens})"
+    def params(self) -> tuple:
+        return (self.tokens,)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Alora) and other.tokens == self.tokens
 
-    def __hash__(self) -> int:
-        return hash((self.name, self.tokens))
 
-    def signature(self):
-        return (self.name, self.tokens)
+
 
     def check(self, key, kind, geometry, r):
         self.refuse_rows(key, geometry)

@@ -82,8 +82,8 @@ class Arrow(Variant):
     def __repr__(self) -> str:
         return f"Arrow(experts={len(self.spec.task_names)}, top_k={self.spec.top_k})"
 
-    def signature(self):
-        return (self.name, id(self.spec), self.spec.top_k, self.spec.temperature)
+    def params(self) -> tuple:
+        return (id(self.spec), self.spec.top_k, self.spec.temperature)
 
     def check(self, key, kind, geometry, r):
         if kind.name != "linear" or geometry.left:
@@ -114,9 +114,7 @@ class Arrow(Variant):
                            self.spec.temperature)
 
     def emit(self, bb):
-        x = bb.x
-        if bb.unit.lora_A.dtype != bb.base_dtype:
-            x = bb.new("call_method", "to", (x, bb.unit.lora_A.dtype), "lora_in")
+        x = bb.cast()
         spec = self.spec
         tensors = [bb.tensor(n) for n in ("arrow_prototypes", "arrow_a", "arrow_b", "arrow_scales")]
         d = bb.new("call_function", arrow_delta, (x, *tensors, spec.top_k, spec.temperature), "lora_arrow")

@@ -45,15 +45,26 @@ class Variant:
     decodes = True  # lm.generate may run it in its static-cache graphs (aLoRA: the model's own generate)
     loss_reduction = "sum"  # how ``lm.variant_loss()`` combines its units' ``regularization`` terms ("sum", "mean")
 
+    def params(self) -> tuple:
+        """The settings that make this variant object what it is (a parametrised variant's constructor arguments):
+        its equality, hash, repr and signature follow them."""
+        return ()
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        return f"{type(self).__name__}{self.params()!r}" if self.params() else f"{type(self).__name__}()"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.params() == self.params()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.params()))
 
     def refusal(self, operation: str) -> str:
         return f"{self.label} does not support {operation}"
 
     def signature(self) -> tuple:
         """What this variant's branch nodes depend on besides the unit's own scalars (shared block programs)."""
-        return (self.name,)
+        return (self.name, *self.params())
 
     # ---- parameters -----------------------------------------------------------------------------------
     def check(self, key: str, kind: Any, geometry: Any, r: int) -> None:
@@ -173,6 +184,14 @@ class Variant:
 
     def eager_b(self, unit: LoraUnit, h: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(h, self.whole_b(unit))
+
+    def emit_through_input(self, bb: Any, suffix: str) -> fx.Node:
+        """``y + s · B h`` where the unit's input module (it replaces the dropout: VeLoRA, MonteCLoRA) computes
+        ``h`` from ``(x, A)``, following ``train()`` / ``eval()``."""
+        h = bb.new("call_module", bb.dropout_path(), (bb.cast(), bb.tensor("lora_A")), suffix)
+        d = bb.new("call_function", torch.nn.functional.linear, (h, bb.tensor("lora_B")), "lora_b")
+        scaled = bb.new("call_function", operator.mul, (d, bb.unit.scaling), "lora_scaled")
+        return bb.new("call_function", operator.add, (bb.y, scaled), "lora")
 
     def b_node(self, bb: Any) -> fx.Node:
         return bb.tensor("lora_B")

@@ -46,17 +46,12 @@ class BdLora(Variant):
     def __init__(self, side: str, nblocks: int) -> None:
         self.side, self.nblocks = side, nblocks
 
-    def __repr__(self) -> str:
-        return f"BdLora({self.side!r}, {self.nblocks})"
+    def params(self) -> tuple:
+        return (self.side, self.nblocks)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, BdLora) and (other.side, other.nblocks) == (self.side, self.nblocks)
 
-    def __hash__(self) -> int:
-        return hash((self.side, self.nblocks))
 
-    def signature(self):
-        return (self.name, self.side, self.nblocks)
+
 
     def check(self, key, kind, geometry, r):
         self.refuse_rows(key, geometry)

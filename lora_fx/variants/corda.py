@@ -52,14 +52,11 @@ class Corda(Variant):
     def __init__(self, method: str) -> None:
         self.method = method
 
-    def __repr__(self) -> str:
-        return f"Corda({self.method!r})"
+    def params(self) -> tuple:
+        return (self.method,)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Corda) and other.method == self.method
 
-    def __hash__(self) -> int:
-        return hash((self.name, self.method))
+
 
     def check(self, key, kind, geometry, r):
         self.refuse_rows(key, geometry)

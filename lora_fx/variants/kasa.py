@@ -38,14 +38,11 @@ class Kasa(Variant):
     def __init__(self, beta: float, gamma: float) -> None:
         self.beta, self.gamma = beta, gamma
 
-    def __repr__(self) -> str:
-        return f"Kasa(beta={self.beta}, gamma={self.gamma})"
+    def params(self) -> tuple:
+        return (self.beta, self.gamma)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Kasa) and (other.beta, other.gamma) == (self.beta, self.gamma)
 
-    def __hash__(self) -> int:
-        return hash((self.name, self.beta, self.gamma))
+
 
     def check(self, key, kind, geometry, r):
         self.refuse_rows(key, geometry)

@@ -59,14 +59,11 @@ class Loftq(Variant):
     def __init__(self, bits: int, iters: int) -> None:
         self.bits, self.iters = bits, iters
 
-    def __repr__(self) -> str:
-        return f"Loftq(bits={self.bits}, iters={self.iters})"
+    def params(self) -> tuple:
+        return (self.bits, self.iters)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Loftq) and (other.bits, other.iters) == (self.bits, self.iters)
 
-    def __hash__(self) -> int:
-        return hash((self.name, self.bits, self.iters))
+
 
     def check(self, key, kind, geometry, r):
         self.refuse_rows(key, geometry)

@@ -44,17 +44,12 @@ class LoraGA(Variant):
     def __init__(self, direction: str, scale: str, gamma: int) -> None:
         self.direction, self.scale, self.gamma = direction, scale, gamma
 
-    def __repr__(self) -> str:
-        return f"LoraGA({self.direction!r}, {self.scale!r}, {self.gamma})"
+    def params(self) -> tuple:
+        return (self.direction, self.scale, self.gamma)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LoraGA) and self.signature() == other.signature()
 
-    def __hash__(self) -> int:
-        return hash(self.signature())
 
-    def signature(self):
-        return (self.name, self.direction, self.scale, self.gamma)
+
 
     def check(self, key, kind, geometry, r):
         self.refuse_rows(key, geometry)

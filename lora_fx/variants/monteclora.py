@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import operator
 import warnings
 
 import torch
@@ -144,17 +143,8 @@ class Monteclora(Variant):
     def __init__(self, *config) -> None:
         self.config = tuple(config)
 
-    def __repr__(self) -> str:
-        return f"Monteclora{self.config}"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Monteclora) and other.config == self.config
-
-    def __hash__(self) -> int:
-        return hash((self.name, self.config))
-
-    def signature(self):
-        return (self.name, self.config)
+    def params(self) -> tuple:
+        return self.config
 
     def check(self, key, kind, geometry, r):
         self.refuse_rows(key, geometry)
@@ -186,10 +176,4 @@ class Monteclora(Variant):
         return unit.dropout.sampler.variational_loss()
 
     def emit(self, bb):
-        x = bb.x
-        if bb.unit.lora_A.dtype != bb.base_dtype:
-            x = bb.new("call_method", "to", (x, bb.unit.lora_A.dtype), "lora_in")
-        h = bb.new("call_module", bb.dropout_path(), (x, bb.tensor("lora_A")), "lora_monteclora")
-        d = bb.new("call_function", F.linear, (h, bb.tensor("lora_B")), "lora_b")
-        scaled = bb.new("call_function", operator.mul, (d, bb.unit.scaling), "lora_scaled")
-        return bb.new("call_function", operator.add, (bb.y, scaled), "lora")
+        return self.emit_through_input(bb, "lora_monteclora")

@@ -52,17 +52,8 @@ class Sliced(Variant):
     def __init__(self, ranges: tuple[tuple[int, int], ...]) -> None:
         self.ranges = tuple(tuple(p) for p in ranges)
 
-    def __repr__(self) -> str:
-        return f"Sliced({self.ranges})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sliced) and other.ranges == self.ranges
-
-    def __hash__(self) -> int:
-        return hash(self.ranges)
-
-    def signature(self):
-        return (self.name, self.ranges)
+    def params(self) -> tuple:
+        return (self.ranges,)
 
     @classmethod
     def metadata_key(cls) -> str:

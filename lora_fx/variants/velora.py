@@ -19,8 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,17 +111,8 @@ class Velora(Variant):
     def __init__(self, num_groups: int, scale: float, init_type: str) -> None:
         self.num_groups, self.scale, self.init_type = num_groups, scale, init_type
 
-    def __repr__(self) -> str:
-        return f"Velora({self.num_groups}, {self.scale}, {self.init_type!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Velora) and self.signature() == other.signature()
-
-    def __hash__(self) -> int:
-        return hash(self.signature())
-
-    def signature(self):
-        return (self.name, self.num_groups, self.scale, self.init_type)
+    def params(self) -> tuple:
+        return (self.num_groups, self.scale, self.init_type)
 
     def check(self, key, kind, geometry, r):
         self.refuse_rows(key, geometry)
@@ -147,10 +136,4 @@ class Velora(Variant):
         return {"velora_config": {"num_groups": self.num_groups, "scale": self.scale, "init_type": self.init_type}}
 
     def emit(self, bb):
-        x = bb.x
-        if bb.unit.lora_A.dtype != bb.base_dtype:
-            x = bb.new("call_method", "to", (x, bb.unit.lora_A.dtype), "lora_in")
-        h = bb.new("call_module", bb.dropout_path(), (x, bb.tensor("lora_A")), "lora_velora")
-        d = bb.new("call_function", F.linear, (h, bb.tensor("lora_B")), "lora_b")
-        scaled = bb.new("call_function", operator.mul, (d, bb.unit.scaling), "lora_scaled")
-        return bb.new("call_function", operator.add, (bb.y, scaled), "lora")
+        return self.emit_through_input(bb, "lora_velora")

@@ -22,7 +22,6 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import AdapterError
@@ -60,9 +59,9 @@ def attached(lm, context: dict | None = None) -> Iterator[None]:
             except AttributeError:
                 raise AdapterError(f"{key!r} names no module of {type(source).__name__}; transformers' generate "
                                    "path adds LoRA to modules.") from None
-            for unit in units:
-                unit.variant.eager(unit, torch.zeros(1, unit.geometry.in_features, dtype=unit.lora_A.dtype,
-                                                     device=unit.lora_A.device))  # refuses before anything runs
+            why = next((w for u in units if (w := u.variant.eager_refusal(u))), None)
+            if why:
+                raise AdapterError(why)
             handles.append(module.register_forward_hook(_adder(units, context)))
         yield
     finally:

@@ -173,11 +173,15 @@ class Variant:
     def eager(self, unit: LoraUnit, x: torch.Tensor, context: dict | None = None) -> torch.Tensor:
         """The branch ``s · B A x`` in eval, computed as PEFT's layer computes it (no graph; ``generation.eager``
         adds it to the layer's output). Linear targets that read the input ``x``; ``context``: the call's
-        ``input_ids`` (aLoRA reads them)."""
-        if unit.strategy.name != "linear" or getattr(unit.geometry, "left", False):
-            raise RuleError(f"{unit.key!r} is a {unit.kind} target; transformers' generate path runs LoRA on linear "
-                            "layers only. Use lm.generate's own arguments (greedy, sampling), or merge first.")
+        ``input_ids`` (aLoRA reads them); ``eager_refusal`` says beforehand what it cannot run."""
         return self.eager_b(unit, self.eager_a(unit, x)) * unit.scaling
+
+    def eager_refusal(self, unit: LoraUnit) -> str | None:
+        """Why ``eager`` cannot run ``unit`` (None: it can)."""
+        if unit.strategy.name != "linear" or getattr(unit.geometry, "left", False):
+            return (f"{unit.key!r} is a {unit.kind} target; transformers' generate path runs LoRA on linear layers "
+                    "only. Use lm.generate's own arguments (greedy, sampling), or merge first.")
+        return None
 
     def eager_a(self, unit: LoraUnit, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, unit.lora_A)

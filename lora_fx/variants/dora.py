@@ -59,10 +59,10 @@ class DoRA(Variant):
     def peft_tensors(self, unit):
         return {**super().peft_tensors(unit), "lora_magnitude_vector": unit.lora_magnitude_vector}
 
-    def eager(self, unit, x, context=None):
-        raise AdapterError(f"DoRA on {unit.key!r}: transformers' generate path adds LoRA branches to layer outputs, "
-                           "which DoRA's rescaled weight is not. Use lm.generate's own arguments (greedy, sampling), "
-                           "or merge first (lm.merge()).")
+    def eager_refusal(self, unit):
+        return (f"DoRA on {unit.key!r}: transformers' generate path adds LoRA branches to layer outputs, which "
+                "DoRA's rescaled weight is not. Use lm.generate's own arguments (greedy, sampling), or merge first "
+                "(lm.merge()).")
 
     def emit(self, bb):
         unit, t = bb.unit, bb.target

@@ -17,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -32,7 +31,7 @@ from ..passes.common import copy_graph
 from ..targets import Target, Unsupported, arg, base_weight, find_targets, idle_modules, weight_uses
 from .blocks import Block, Template
 from .calls import CallSignature, call_key
-from .disk import CacheEntry, cache_entry
+from .disk import CacheEntry, cache_entries
 from .experts import native_grouped
 from .exporting import export_program, share_parameters
 from .masks import elide_masks
@@ -117,7 +116,7 @@ def _capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, 
     if example_inputs or kwargs:
         example_inputs, kwargs = distinct_inputs(example_inputs, kwargs)
         key = call_key(CallSignature.of(model).bind(example_inputs, kwargs))
-        cached = functools.partial(cache_entry, model, key, len(example_inputs))
+        cached = cache_entries(model, key, len(example_inputs))
         try:
             if not templates:
                 raise TemplateMismatch("templates not wanted")

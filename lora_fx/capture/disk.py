@@ -22,7 +22,7 @@ Location: ``$LORA_FX_CACHE_DIR/captures`` (default ``$XDG_CACHE_HOME/lora_fx`` o
 
 Example::
 
-    entry = cache_entry(model, args, kwargs, call, form="templated")
+    entry = cache_entries(model, call, positional)("templated")
     hit = entry.load(model) if entry else None          # (ExportedProgram, state) or None
     ...
     entry.store(program, state, model)
@@ -39,6 +39,7 @@ import os
 import pickle
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,28 +139,41 @@ class CacheEntry:
         self.path.unlink(missing_ok=True)
 
 
-def cache_entry(model: nn.Module, call: tuple, positional: int, form: str) -> CacheEntry | None:
-    """The entry for capturing ``model`` for ``call`` (its ``calls.call_key``) in ``form``; None when the cache
-    is off or the model cannot be keyed."""
+def cache_entries(model: nn.Module, call: tuple, positional: int) -> Callable[[str], CacheEntry | None]:
+    """``entry(form)``: the entry for capturing ``model`` for ``call`` (its ``calls.call_key``) in ``form``
+    ("templated", "whole"); None when the cache is off or the model cannot be keyed. The model is keyed once."""
+    base: list = []
+
+    def entry(form: str) -> CacheEntry | None:
+        if not base:
+            base.append(_base_key(model, call, positional))
+        if base[0] is None:
+            return None
+        key = json.dumps({**base[0], "form": form}, sort_keys=True, default=str)
+        return CacheEntry(cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.capture", key)
+    return entry
+
+
+def _base_key(model: nn.Module, call: tuple, positional: int) -> dict[str, Any] | None:
     if not enabled() or _unkeyable(model):
         return None
     try:
-        key = json.dumps(_key(model, call, positional, form), sort_keys=True, default=str)
+        key = _key(model, call, positional)
+        json.dumps(key, default=str)
+        return key
     except Exception as e:
         _LOG.info("capture not cached: the model cannot be keyed (%s: %s)", type(e).__name__, e)
         return None
-    digest = hashlib.sha256(key.encode()).hexdigest()[:40]
-    return CacheEntry(cache_dir() / f"{digest}.capture", key)
 
 
-def _key(model: nn.Module, call: tuple, positional: int, form: str) -> dict[str, Any]:
+def _key(model: nn.Module, call: tuple, positional: int) -> dict[str, Any]:
     types = {type(m) for m in model.modules()}
     tensors = [(kind, name, tuple(t.shape), str(t.dtype), str(t.device))
                for kind, items in (("p", model.named_parameters(remove_duplicate=False)),
                                    ("b", model.named_buffers(remove_duplicate=False)))
                for name, t in items]
     return {
-        "format": FORMAT, "form": form, "versions": _versions(),
+        "format": FORMAT, "versions": _versions(),
         "model": _qualname(type(model)),
         "sources": sorted(_source_digest(t) for t in types),
         "config": _config(model),

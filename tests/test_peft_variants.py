@@ -271,3 +271,70 @@ def test_alora_activates_after_the_invocation_as_peft(tmp_path):
     with torch.no_grad():
         assert rel_err(back(input_ids=ids).logits, ours) < 1e-6
         assert rel_err(loaded(ids).logits, ours) < 1e-6
+
+
+def qalora_config(**kw):
+    """PEFT's QA-LoRA config with every nn.Linear wrapped as PEFT wraps a GPTQ layer (``GPTQLoraLinear``, whose
+    branch is ``QALoraLinearVariant``): PEFT's own QA-LoRA code over a full-precision base, as gptqmodel (which needs
+    a newer torch than this project's CI) is not installed."""
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+
+    config = LoraConfig(use_qalora=True, **kw)
+    config._register_custom_module({torch.nn.Linear: GPTQLoraLinear})
+    return config
+
+
+def test_qalora_equals_peft_and_merges_where_peft_cannot(tmp_path):
+    """QA-LoRA: PEFT's draws (A replaced by an [r, in/g] layer), pooled-input outputs and gradients, checkpoints both
+    ways; lora_fx also merges it (ΔW repeats each of A's columns over its group) and names a file whose A is not
+    pooled."""
+    c = ZOO["llama"]
+    model, ids = c.build(), c.inputs()[0]
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], qalora_group_size=8)
+    torch.manual_seed(5)
+    pm = get_peft_model(copy.deepcopy(model), qalora_config(**kw))
+    torch.manual_seed(5)
+    lm = lora_fx.lorafy(copy.deepcopy(model), LoraConfig(use_qalora=True, **kw), example_inputs=(ids,))
+    for key, unit in lm.adapters.units("default").items():
+        layer = pm.base_model.model.get_submodule(key)
+        assert type(layer).__name__ == "GPTQLoraLinear" and unit.lora_A.shape[1] == layer.in_features // 8
+        assert torch.equal(unit.lora_A, layer.lora_A["default"].weight), key
+        assert torch.equal(unit.lora_B, layer.lora_B["default"].weight), key
+    with torch.no_grad():
+        for m in (pm, lm):
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    losses = [m(ids, labels=ids).loss for m in (pm, lm)]
+    assert rel_err(losses[1], losses[0]) < 1e-6
+    for loss in losses:
+        loss.backward()
+    for key, unit in lm.adapters.units("default").items():
+        layer = pm.base_model.model.get_submodule(key)
+        assert rel_err(unit.lora_A.grad, layer.lora_A["default"].weight.grad) < 1e-5, key
+        assert rel_err(unit.lora_B.grad, layer.lora_B["default"].weight.grad) < 1e-5, key
+    pm.eval(), lm.eval()
+    with torch.no_grad():
+        want = pm(ids).logits
+        assert rel_err(lm(ids).logits, want) < 1e-6
+        assert rel_err(lm(ids).logits, model(ids).logits) > 1e-4
+        lm.merge()
+        assert rel_err(lm(ids).logits, want) < 1e-5
+        lm.unmerge()
+        assert rel_err(lm(ids).logits, want) < 1e-6
+    pm.save_pretrained(tmp_path / "peft")
+    loaded = lora_fx.from_peft(copy.deepcopy(model), tmp_path / "peft", example_inputs=(ids,)).eval()
+    loaded.save_pretrained(tmp_path / "mine")
+    back = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "mine", config=qalora_config(**kw)).eval()
+    with torch.no_grad():
+        assert rel_err(loaded(ids).logits, want) < 1e-6
+        assert rel_err(back(ids).logits, want) < 1e-6
+    assert loaded.peft_config["default"].qalora_group_size == 8
+    plain = get_peft_model(copy.deepcopy(model), LoraConfig(use_qalora=True, **kw))  # PEFT: plain LoRA on nn.Linear
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(lora_fx.CheckpointError, match="set use_qalora to false"):
+        lora_fx.from_peft(copy.deepcopy(model), tmp_path / "plain", example_inputs=(ids,))
+    with pytest.raises(lora_fx.RuleError, match="not divisible by qalora_group_size=5"):
+        lora_fx.lorafy(copy.deepcopy(model), Rule("q_proj", qalora=5), example_inputs=(ids,))
+    with pytest.raises(lora_fx.RuleError, match="QA-LoRA pools"):
+        Rule("q_proj", qalora=8, use_dora=True)

@@ -130,3 +130,36 @@ def test_dora_on_a_quantized_base_is_refused_and_repacked_weights_are_named(base
     with pytest.raises(CaptureError, match="repacked"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lora_fx.lorafy(model, Rule(TARGETS, r=4), example_inputs=(IDS,))
+
+
+def test_qalora_on_a_quantized_base_matches_peft_and_merges_onto_full_precision(base_dir, tmp_path):
+    """QA-LoRA over a 4-bit base, against PEFT's QA-LoRA layer (GPTQLoraLinear) wrapped around the same bitsandbytes
+    layers; the adapter then merges onto the full-precision model."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+
+    lm = lora_fx.lorafy(load(base_dir, "nf4-double"), Rule(TARGETS, r=4, alpha=8, init=False, qalora=32),
+                        example_inputs=(IDS,)).eval()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_qalora=True, qalora_group_size=32)
+    config._register_custom_module({bnb.nn.Linear4bit: GPTQLoraLinear})
+    pm = get_peft_model(load(base_dir, "nf4-double"), config).eval()
+    with torch.no_grad():
+        for key, unit in lm.adapters.units("default").items():
+            layer = pm.base_model.model.get_submodule(key)
+            layer.lora_A["default"].weight.copy_(unit.lora_A)
+            layer.lora_B["default"].weight.copy_(unit.lora_B)
+    assert rel(logits(lm), logits(pm)) < 1e-4
+    lm.save_pretrained(tmp_path / "adapter")
+    full = lora_fx.from_peft(LlamaForCausalLM.from_pretrained(base_dir), tmp_path / "adapter", example_inputs=(IDS,))
+    unmerged = logits(full.eval())
+    assert rel(logits(full.merge_and_unload()), unmerged) < 1e-5
+
+
+def test_gptq_layers_are_refused_by_name():
+    """A GPTQ kernel layer (found by its package and class name, as gptqmodel's QuantLinear classes are named) is
+    named with the way forward instead of silently matching nothing."""
+    cls = type("TorchQuantLinear", (torch.nn.Linear,), {"__module__": "gptqmodel.nn_modules.qlinear.torch"})
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    model[2].__class__ = cls
+    with pytest.raises(CaptureError, match=r"2 is a GPTQ layer .*full-precision model"):
+        lora_fx.lorafy(model, Rule("0", r=2), example_inputs=(torch.randn(2, 8),))

@@ -81,7 +81,7 @@ def test_lora_config_translation():
 
 
 @pytest.mark.parametrize("cfg,fragment", [
-    (dict(target_modules=["q"], use_qalora=True), "use_qalora"),
+    (dict(target_modules=["q"], use_qalora=True, qalora_group_size=0), "qalora must be"),
     (dict(target_modules=["q"], arrow_config={"top_k": 1}), "create_arrow_model"),
     (dict(target_modules=None), "target_modules"),
 ])

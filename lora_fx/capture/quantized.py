@@ -32,8 +32,9 @@ __all__ = ["swap_quantized"]
 
 def swap_quantized(model: nn.Module) -> int:
     """Replace every bitsandbytes Linear4bit / Linear8bitLt in ``model`` by a ``QuantLinear`` over the same
-    storage (in place; returns how many). Refuses torchao-quantized weights by name."""
+    storage (in place; returns how many). Refuses torchao-quantized weights and GPTQ layers by name."""
     _refuse_torchao(model)
+    _refuse_gptq(model)
     bnb = sys.modules.get("bitsandbytes")
     if bnb is None:  # a model cannot hold bitsandbytes layers unless bitsandbytes was imported
         return 0
@@ -55,3 +56,16 @@ def _refuse_torchao(model: nn.Module) -> None:
                 f"{name} is a torchao quantized tensor ({type(p.data).__name__}); lora_fx captures bitsandbytes "
                 "4-bit/8-bit bases (BitsAndBytesConfig), not torchao's tensor subclasses. Quantize with "
                 "bitsandbytes, or lorafy the full-precision model and quantize after merging.")
+
+
+_GPTQ_PACKAGES = ("gptqmodel", "auto_gptq", "optimum")
+
+
+def _refuse_gptq(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        cls = type(module)
+        if cls.__module__.split(".")[0] in _GPTQ_PACKAGES and "QuantLinear" in cls.__name__:
+            raise CaptureError(
+                f"{name} is a GPTQ layer ({cls.__module__}.{cls.__name__}); lora_fx captures bitsandbytes 4-bit/8-bit "
+                "bases, not GPTQ kernels. Load the full-precision model (a QA-LoRA adapter trained on the GPTQ one "
+                "loads onto it and merges), or quantize with bitsandbytes.")

@@ -21,7 +21,7 @@ from ..adapters.store import AdapterEntry, adapter_dtype, check_adapter_name
 from ..adapters.tokens import TokenDelta
 from ..adapters.unit import LoraUnit
 from ..bank.bank import bank_refusal, plan_bank
-from ..errors import AdapterError, MergeError, RuleError, RuleWarning, preview
+from ..errors import AdapterError, CheckpointError, MergeError, RuleError, RuleWarning, preview
 from ..passes.fold import apply, plan_fold, plan_unfold
 from ..peft.checkpoint import parameter_keys
 from ..rules import RuleLike, as_ruleset
@@ -91,7 +91,10 @@ def new_entry(state: LoraState, name: str, rules: RuleLike, autocast: bool,
         t = matched.first[key]
         variant = resolve(rule)
         if expect is not None:
-            expect(peft_keys.get(key, key), variant.peft_shapes(t.strategy, t.geometry, rule.r))
+            try:
+                expect(peft_keys.get(key, key), variant.peft_shapes(t.strategy, t.geometry, rule.r))
+            except CheckpointError as e:
+                raise CheckpointError(f"{e} {variant.load_hint}" if variant.load_hint else str(e)) from None
         if rule.r > max(t.in_features, t.out_features):
             idle.append(key)
         weight = cap.weight(t)

@@ -65,10 +65,6 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
                 f"LoraConfig.{name}={c[name]!r} is not supported by this version of lora_fx; "
                 f"remove it from the config or express the targeting with lora_fx Rules."
             )
-    if c.get("use_qalora"):
-        raise RuleError("LoraConfig.use_qalora=True: QA-LoRA adapts GPTQ-quantized layers (gptqmodel's QuantLinear, "
-                        "which PEFT wraps as GPTQLoraLinear); lora_fx does not capture GPTQ layers. Set it to False, "
-                        "or quantize the base with bitsandbytes and train QLoRA (see the README's QLoRA section).")
     _check_values(c)
 
     targets, parameters = c.get("target_modules"), c.get("target_parameters") or None
@@ -88,6 +84,7 @@ def ruleset_from_peft_config(config: Any) -> RuleSet:
         lora_ga=_sub_config(c, "lora_ga_config") if init == "lora_ga" else None,
         corda=_sub_config(c, "corda_config") if init == "corda" else None,
         monteclora=_sub_config(c, "monteclora_config"), alora=c.get("alora_invocation_tokens") or None,
+        qalora=c.get("qalora_group_size", 16) if c.get("use_qalora") else None,
     )
     rules = []
     excludes = c.get("exclude_modules")

@@ -24,7 +24,15 @@ from typing import Any
 from ..errors import RuleError
 from ..kinds import KINDS
 from ..variants import inits
-from .variant_fields import corda_field, kasa_field, loftq_field, lora_ga_field, monteclora_field, velora_field
+from .variant_fields import (
+    corda_field,
+    kasa_field,
+    loftq_field,
+    lora_ga_field,
+    monteclora_field,
+    qalora_field,
+    velora_field,
+)
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -79,6 +87,7 @@ class Rule(metaclass=_Checked):
     monteclora: tuple | None = None  # MonteCLoRA: PEFT's MontecloraConfig values (a dict or True for its defaults)
     arrow: Any = None  # Arrow: the router's ``variants.arrow.ArrowSpec`` (built by ``create_arrow_model``)
     alora: tuple[int, ...] | None = None  # activated LoRA: the invocation token ids (PEFT's alora_invocation_tokens)
+    qalora: int | None = None  # QA-LoRA: the input's pooling group size (PEFT's qalora_group_size); True for 16
 
     def __post_init__(self) -> None:
         patterns = (self.match,) if isinstance(self.match, str) else tuple(self.match)
@@ -136,13 +145,15 @@ class Rule(metaclass=_Checked):
         object.__setattr__(self, "lora_ga", lora_ga_field(self) if self.init == "lora_ga" else None)
         object.__setattr__(self, "corda", corda_field(self) if self.init == "corda" else None)
         object.__setattr__(self, "monteclora", monteclora_field(self) if self.monteclora not in (None, False) else None)
+        object.__setattr__(self, "qalora", None if self.qalora is None or self.qalora is False else qalora_field(self))
         if self.alora is not None:
             tokens = tuple(self.alora) if isinstance(self.alora, (list, tuple)) else None
             if not tokens or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
                 raise RuleError(f"Rule {self.label}: alora must be a non-empty sequence of token ids, got "
                                 f"{self.alora!r}.")
             object.__setattr__(self, "alora", tokens)
-        chosen = [n for n in ("kasa", "velora", "monteclora", "arrow", "alora") if getattr(self, n) is not None]
+        separate = ("kasa", "velora", "monteclora", "arrow", "alora", "qalora")
+        chosen = [n for n in separate if getattr(self, n) is not None]
         if len(chosen) > 1:
             raise RuleError(f"Rule {self.label}: {' and '.join(chosen)} are separate PEFT variants; choose one.")
 

@@ -1,4 +1,4 @@
-"""The variant fields of a Rule (``kasa``, ``velora``, ``monteclora``, ``loftq``, ``lora_ga``, ``corda``):
+"""The variant fields of a Rule (``kasa``, ``velora``, ``monteclora``, ``loftq``, ``lora_ga``, ``corda``, ``qalora``):
 PEFT's defaults filled in and the values checked, naming the rule. Each returns the tuple the variant is built from.
 
 Example::
@@ -125,3 +125,19 @@ def monteclora_field(rule: Rule) -> tuple:
         raise RuleError(f"Rule {rule.label}: MonteCLoRA samples A itself; drop DoRA, lora_bias, out_slices or "
                         "block_diagonal.")
     return tuple(v[k] for k in MONTECLORA_DEFAULTS)
+
+
+QALORA_DEFAULT = 16  # PEFT's qalora_group_size
+
+
+def qalora_field(rule: Rule) -> int:
+    value = QALORA_DEFAULT if rule.qalora is True else rule.qalora
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise RuleError(f"Rule {rule.label}: qalora must be True or the pooling group size (an int >= 1), got "
+                        f"{rule.qalora!r}.")
+    if rule.use_dora or rule.lora_bias or rule.out_slices or rule.block_diagonal or inits.is_weight_init(rule.init) \
+            or rule.init not in (True, False, "default", "gaussian"):
+        raise RuleError(f"Rule {rule.label}: QA-LoRA pools the input before A, a fresh [r, in/g] factor; drop DoRA, "
+                        "lora_bias, out_slices, block_diagonal or the init (PEFT refuses DoRA with it and draws A "
+                        "anew).")
+    return value

@@ -28,6 +28,7 @@ from .loftq import Loftq
 from .loraga import LoraGA
 from .mica import MICA, MiCA
 from .monteclora import Monteclora
+from .qalora import Qalora
 from .sliced import Sliced
 from .velora import Velora
 
@@ -58,6 +59,8 @@ def resolve(rule: Any) -> Variant:
         return Velora(*rule.velora)
     if rule.monteclora:
         return Monteclora(*rule.monteclora)
+    if rule.qalora:
+        return Qalora(rule.qalora)
     if rule.block_diagonal:
         return BdLora(*rule.block_diagonal)
     if rule.use_dora:
@@ -89,5 +92,5 @@ def mixed(variants: Iterable[Variant]) -> list[str]:
 
 
 __all__ = ["Variant", "PLAIN", "DORA", "BIASED", "MICA", "MiCA", "BdLora", "Kasa", "Velora", "Loftq", "LoraGA",
-           "Corda", "Monteclora", "Arrow", "Alora", "Sliced", "resolve", "peft_fields", "rule_fields", "mixed",
-           "PEFT_FIELDS"]
+           "Corda", "Monteclora", "Qalora", "Arrow", "Alora", "Sliced", "resolve", "peft_fields", "rule_fields",
+           "mixed", "PEFT_FIELDS"]

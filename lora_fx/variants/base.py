@@ -44,6 +44,7 @@ class Variant:
     exclusive = False  # its adapters cannot share a model with adapters of other variants (KaSA, as PEFT)
     decodes = True  # lm.generate may run it in its static-cache graphs (aLoRA: the model's own generate)
     loss_reduction = "sum"  # how ``lm.variant_loss()`` combines its units' ``regularization`` terms ("sum", "mean")
+    load_hint = ""  # added to the error when a file's tensors do not have this variant's shapes
 
     def params(self) -> tuple:
         """The settings that make this variant object what it is (a parametrised variant's constructor arguments):
@@ -205,3 +206,20 @@ class Variant:
 
 
 PLAIN = Variant()
+
+
+@torch.no_grad()
+def dense_draws(unit: LoraUnit, init: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B of a linear unit as PEFT draws them before a variant replaces one (``nn.Linear``'s own kaiming
+    draws, then ``reset_lora_parameters``), for variants whose PEFT layer swaps a factor after that."""
+    dense = type(unit.strategy).shapes(unit.strategy, unit.geometry, unit.r)
+    a, b = torch.empty(dense[0]), torch.empty(dense[1])
+    torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)
+    torch.nn.init.kaiming_uniform_(b, a=5 ** 0.5)
+    if init is not False:
+        if init == "gaussian":
+            torch.nn.init.normal_(a, std=1 / unit.r)
+        else:
+            torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)
+        b.zero_()
+    return a, b

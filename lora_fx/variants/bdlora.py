@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import RuleError
-from .base import Variant
+from .base import Variant, dense_draws
 
 
 def block_diagonal(w: torch.Tensor, nblocks: int) -> torch.Tensor:
@@ -72,16 +72,7 @@ class BdLora(Variant):
     @torch.no_grad()
     def reset(self, unit, init) -> bool:
         """PEFT's draws: the dense layers as plain LoRA's, then the block-diagonal factor's own."""
-        dense = type(unit.strategy).shapes(unit.strategy, unit.geometry, unit.r)
-        a, b = torch.empty(dense[0]), torch.empty(dense[1])
-        torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)
-        torch.nn.init.kaiming_uniform_(b, a=5 ** 0.5)
-        if init is not False:
-            if init == "gaussian":
-                torch.nn.init.normal_(a, std=1 / unit.r)
-            else:
-                torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)
-            b.zero_()
+        a, b = dense_draws(unit, init)
         if self.side == "A":
             block = torch.empty(unit.lora_A.shape)
             torch.nn.init.kaiming_uniform_(block)

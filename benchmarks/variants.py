@@ -1,7 +1,8 @@
 """PEFT's forward variants: lora_fx's training step against PEFT's same variant, same adapters.
 
 Setting: the issue's tiny Llama (hidden 512, 4 layers, vocab 8000), batch 4 x 128; r=16, alpha=32 on all seven
-projections; each variant's PEFT config with ``init_lora_weights=False`` (nonzero B), saved by PEFT and loaded by
+projections; each variant's PEFT config with ``init_lora_weights=False`` (nonzero B; QA-LoRA through PEFT's
+``GPTQLoraLinear`` over the full-precision layers, as gptqmodel does not install here), saved by PEFT and loaded by
 ``lora_fx.from_peft``, so both hold the same adapters (losses checked to 1e-5 relative first). A step = forward +
 the model's loss (+ the variant's regularizer where it has one) + backward + fused AdamW on the adapters; eager,
 training mode.
@@ -39,6 +40,7 @@ def configs() -> dict[str, dict]:
         "VeLoRA (64 groups)": {"velora_config": VeloraConfig()},
         "MonteCLoRA (8 samples)": {"monteclora_config": MontecloraConfig()},
         "aLoRA (invoked mid-sequence)": {"alora_invocation_tokens": INVOCATION, "task_type": "CAUSAL_LM"},
+        "QA-LoRA (group 32)": {"use_qalora": True, "qalora_group_size": 32},
     }
 
 
@@ -61,6 +63,9 @@ def one_variant(name: str, extra: dict, rounds: int) -> dict:
     ids[:, 64:66] = torch.tensor(INVOCATION)
     torch.manual_seed(1)
     config = LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS, init_lora_weights=False, **extra)
+    if extra.get("use_qalora"):  # PEFT's QA-LoRA layer (for GPTQ bases) over these full-precision ones
+        from peft.tuners.lora.gptq import GPTQLoraLinear
+        config._register_custom_module({torch.nn.Linear: GPTQLoraLinear})
     peft = get_peft_model(copy.deepcopy(base), config)
     with tempfile.TemporaryDirectory() as d:
         peft.save_pretrained(d)

@@ -27,10 +27,10 @@ from ..errors import RuleError
 from .base import Variant, dense_draws
 
 
-def qalora_pool(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``p(x)``: ``x [..., in]`` averaged over groups of ``group_size`` features, times the group count."""
-    groups = x.shape[-1] // group_size
-    return x.unflatten(-1, (groups, group_size)).mean(-1) * groups
+def group_sums(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x [..., in]`` summed over groups of ``group_size`` features: ``p(x) = (in/g²) · group_sums(x)``, the
+    constant folded into the branch's scaling."""
+    return x.unflatten(-1, (x.shape[-1] // group_size, group_size)).sum(-1)
 
 
 class Qalora(Variant):
@@ -69,6 +69,10 @@ class Qalora(Variant):
         unit.lora_B.copy_(b)
         return True
 
+    def factor(self, unit) -> float:
+        """``s · (in/g) / g``: the scaling with the pooling's mean and group count folded in."""
+        return unit.scaling * (unit.lora_A.shape[1] / self.group_size)
+
     def whole_a(self, a: torch.Tensor) -> torch.Tensor:
         """A as a dense ``[r, in]`` factor of ΔW: each column repeated over its group, times ``(in/g) / g``."""
         groups = a.shape[1]
@@ -81,12 +85,12 @@ class Qalora(Variant):
     def peft_config_fields(self):
         return {"use_qalora": True, "qalora_group_size": self.group_size}
 
-    def eager_a(self, unit, x):
-        return F.linear(qalora_pool(x, self.group_size), unit.lora_A)
+    def eager(self, unit, x, context=None):
+        return F.linear(F.linear(group_sums(x, self.group_size), unit.lora_A), unit.lora_B) * self.factor(unit)
 
     def emit(self, bb):
-        x = bb.new("call_function", qalora_pool, (bb.activation(), self.group_size), "lora_pool")
+        x = bb.new("call_function", group_sums, (bb.activation(), self.group_size), "lora_pool")
         h = bb.new("call_function", F.linear, (x, bb.tensor("lora_A")), "lora_a")
         d = bb.new("call_function", F.linear, (h, bb.tensor("lora_B")), "lora_b")
-        scaled = bb.new("call_function", operator.mul, (d, bb.unit.scaling), "lora_scaled")
+        scaled = bb.new("call_function", operator.mul, (d, self.factor(bb.unit)), "lora_scaled")
         return bb.new("call_function", operator.add, (bb.y, scaled), "lora")

@@ -126,6 +126,38 @@ def _hf(name: str) -> nn.Module:
     raise KeyError(name)
 
 
+def _generative(name: str) -> nn.Module:
+    """The generation zoo's families: a sliding-window model in its default config, a state-space model, hybrids
+    and encoder-decoders."""
+    import transformers as tf
+
+    attention = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=96)
+    if name == "mistral":  # the default 4096-token sliding window
+        return tf.MistralForCausalLM(tf.MistralConfig(max_position_embeddings=256, **attention))
+    if name == "mamba":
+        return tf.MambaForCausalLM(tf.MambaConfig(vocab_size=96, hidden_size=32, state_size=8, num_hidden_layers=2))
+    if name == "jamba":
+        return tf.JambaForCausalLM(tf.JambaConfig(
+            attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=2,
+            mamba_d_state=8, use_mamba_kernels=False, **attention))
+    if name == "lfm2":
+        return tf.Lfm2ForCausalLM(tf.Lfm2Config(layer_types=["conv", "full_attention"], **attention))
+    if name == "bart":
+        return tf.BartForConditionalGeneration(tf.BartConfig(
+            vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
+    if name == "t5":
+        return tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                         num_heads=4, decoder_start_token_id=0))
+    if name == "whisper":
+        return tf.WhisperForConditionalGeneration(tf.WhisperConfig(
+            vocab_size=96, num_mel_bins=16, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=20,
+            max_target_positions=32, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1))
+    raise KeyError(name)
+
+
 @dataclass
 class Case:
     name: str
@@ -137,6 +169,7 @@ class Case:
     fan_in_fan_out: bool = False
     other_inputs_fn: Callable[[], tuple] | None = None  # another batch/sequence shape
     kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs_fn: Callable[[], dict] | None = None  # keyword inputs of a forward (an encoder-decoder's decoder_input_ids)
 
     def build(self) -> nn.Module:
         with torch.random.fork_rng():
@@ -148,8 +181,21 @@ class Case:
             torch.manual_seed(1)
             return self.inputs_fn()
 
+    def call_kwargs(self) -> dict[str, Any]:
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            return self.kwargs_fn() if self.kwargs_fn else {}
+
     def lorafy_kwargs(self) -> dict[str, Any]:
-        return {"example_inputs": self.inputs()} if self.export else {}
+        if not self.export:
+            return {}
+        return {"example_kwargs": self.call_kwargs()} if self.kwargs_fn else {"example_inputs": self.inputs()}
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """What ``generate`` is given: the prompt ids, or an encoder-decoder's encoder inputs."""
+        if self.kwargs_fn:
+            return {k: v for k, v in self.call_kwargs().items() if not k.startswith("decoder_")}
+        return {"input_ids": self.inputs()[0]}
 
 
 def _ids(b: int, t: int) -> Callable[[], tuple]:
@@ -189,4 +235,27 @@ ZOO = {
     "bert": Case("bert", lambda: _hf("bert"), _ids(2, 8), ["word_embeddings", "query", "key", "value", "dense"],
                  export=True,
                  other_inputs_fn=_ids(1, 12)),
+}
+
+
+def _seq2seq(first: str, shape: tuple[int, ...]) -> Callable[[], dict]:
+    def make() -> dict:
+        encoder = torch.randn(*shape) if first == "input_features" else torch.randint(3, 96, shape)
+        return {first: encoder, "decoder_input_ids": torch.randint(3, 96, (shape[0], 3))}
+    return make
+
+
+# The families lm.generate serves beyond the causal LMs above, each through forward, gradients, checkpoints, merge
+# and generation against PEFT (tests/test_generation_zoo.py): every cache kind transformers has.
+GENERATION_ZOO = {
+    "mistral": Case("mistral", lambda: _generative("mistral"), _ids(2, 7), ["q_proj", "v_proj"], export=True),
+    "mamba": Case("mamba", lambda: _generative("mamba"), _ids(2, 7), ["in_proj", "x_proj"], export=True),
+    "jamba": Case("jamba", lambda: _generative("jamba"), _ids(2, 7), ["q_proj", "v_proj"], export=True),
+    "lfm2": Case("lfm2", lambda: _generative("lfm2"), _ids(2, 7), ["q_proj", "v_proj"], export=True),
+    "bart": Case("bart", lambda: _generative("bart"), tuple, ["q_proj", "v_proj"], export=True,
+                 kwargs_fn=_seq2seq("input_ids", (2, 7))),
+    "t5": Case("t5", lambda: _generative("t5"), tuple, ["q", "v"], export=True,
+               kwargs_fn=_seq2seq("input_ids", (2, 7))),
+    "whisper": Case("whisper", lambda: _generative("whisper"), tuple, ["q_proj", "v_proj"], export=True,
+                    kwargs_fn=_seq2seq("input_features", (2, 16, 40))),
 }

@@ -170,19 +170,18 @@ def test_a_short_sliding_window_generates_peft_tokens_within_it_and_names_it_pas
         lm.generate(ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0)
 
 
-def test_a_smaller_batch_or_shorter_generation_reuses_the_captured_graphs():
-    """A batch up to twice smaller, or a shorter generation, runs in graphs captured for a larger size (padding rows
-    finished from the start): no new capture, PEFT's tokens."""
+def test_every_batch_size_and_prompt_length_runs_in_one_captured_graph():
+    """One graph per cache length serves every batch size and prompt length (and each decode step); a shorter
+    generation runs in a longer cache already captured (down to half): PEFT's tokens, no new capture."""
     c, lm = _lm("llama")
     pm = peft_twin(c, lm, r=8)
     ids, mask = _padded_batch()
-    lm.generate(ids, attention_mask=mask, max_new_tokens=50, pad_token_id=0)  # batch 4, cache length 64
+    lm.generate(ids, attention_mask=mask, max_new_tokens=50, pad_token_id=0)  # cache length 64
     keys = list(lm.derived_keys)
-    for rows, new in ((3, 50), (2, 30), (4, 16)):
-        ours = lm.generate(ids[:rows], attention_mask=mask[:rows], max_new_tokens=new, pad_token_id=0)
-        theirs = pm.generate(input_ids=ids[:rows], attention_mask=mask[:rows], max_new_tokens=new, do_sample=False,
-                             pad_token_id=0)
-        assert torch.equal(ours, theirs), (rows, new)
-    assert sorted(map(str, lm.derived_keys)) == sorted(map(str, keys))
-    lm.generate(ids[:1], max_new_tokens=8, pad_token_id=0)  # 4 rows for 1 is more than twice: its own graphs
-    assert len(lm.derived_keys) == len(keys) + 1
+    assert keys == [("generate", 64)]
+    for rows, prompt, new in ((3, 7, 50), (1, 7, 30), (4, 1, 16), (2, 5, 9)):
+        given, m = ids[:rows, -prompt:], mask[:rows, -prompt:]
+        ours = lm.generate(given, attention_mask=m, max_new_tokens=new, pad_token_id=0)
+        theirs = pm.generate(input_ids=given, attention_mask=m, max_new_tokens=new, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours, theirs), (rows, prompt, new)
+    assert list(lm.derived_keys) == keys

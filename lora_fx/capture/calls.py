@@ -31,20 +31,24 @@ class CallSignature:
     model: str
     names: tuple[str, ...]  # parameters that can be passed by position, in order
     var_keyword: str | None
+    var_positional: str | None = None  # ``*args``: the extra positional values, as one tuple under its name
 
     @classmethod
     def of(cls, model: nn.Module) -> CallSignature:
         params = inspect.signature(model.forward).parameters.values()
         names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
         var_kw = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
-        return cls(type(model).__name__, names, var_kw)
+        var_pos = next((p.name for p in params if p.kind is p.VAR_POSITIONAL), None)
+        return cls(type(model).__name__, names, var_kw, var_pos)
 
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, without ``None``s; integer loss kwargs as tensors."""
-        if len(args) > len(self.names):
+        if len(args) > len(self.names) and self.var_positional is None:
             raise CaptureError(f"{self.model}.forward takes at most {len(self.names)} positional arguments "
                                f"({', '.join(self.names)}), got {len(args)}.")
         call = dict(zip(self.names, args))
+        if len(args) > len(self.names):
+            call[self.var_positional] = tuple(args[len(self.names):])
         for name, value in kwargs.items():
             if name in call:
                 raise CaptureError(f"{self.model}.forward got {name!r} both by position and by name.")

@@ -95,16 +95,17 @@ CAPTURE_LOCK = threading.RLock()  # torch.export and symbolic_trace keep global 
 
 
 def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict[str, Any] | None = None, *,
-            templates: bool = True) -> Captured:
+            templates: bool = True, dims: dict[str, Any] | None = None) -> Captured:
     """Capture ``model``; see the module docstring for which path is taken (``templates=False``: export in one
-    piece, for graphs whose blocks differ by index, such as a KV cache's layers). Captures are serialised: the
-    tracers' global state allows one at a time per process."""
+    piece, for graphs whose blocks differ by index, such as a KV cache's layers; ``dims``: dynamic shapes by
+    argument name, see ``export_program``). Captures are serialised: the tracers' global state allows one at a
+    time per process."""
     with CAPTURE_LOCK:
-        return _capture(model, example_inputs, example_kwargs, templates)
+        return _capture(model, example_inputs, example_kwargs, templates, dims)
 
 
 def _capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, Any] | None,
-             templates: bool) -> Captured:
+             templates: bool, dims: dict[str, Any] | None = None) -> Captured:
     if not isinstance(model, nn.Module):
         raise CaptureError(f"lorafy expects a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(example_inputs, tuple):
@@ -118,11 +119,12 @@ def _capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, 
         key = call_key(CallSignature.of(model).bind(example_inputs, kwargs))
         cached = cache_entries(model, key, len(example_inputs))
         try:
-            if not templates:
+            if not templates or dims:
                 raise TemplateMismatch("templates not wanted")
             gm, found, blocks = capture_templated(model, example_inputs, kwargs, cached("templated"))
         except TemplateMismatch:
-            gm, found, blocks = _whole(model, example_inputs, kwargs, cached("whole")), {}, {}
+            form = f"whole {dims}" if dims else "whole"
+            gm, found, blocks = _whole(model, example_inputs, kwargs, cached(form), dims), {}, {}
         share_parameters(gm, model)
         elide_masks(gm, found, blocks)
         cap = _finish(gm, model, "export", True, found, blocks)
@@ -141,7 +143,8 @@ def _capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict[str, 
     return _finish(gm, model, "symbolic_trace", False, templates, blocks)
 
 
-def _whole(model: nn.Module, args: tuple, kwargs: dict[str, Any], entry: CacheEntry | None) -> fx.GraphModule:
+def _whole(model: nn.Module, args: tuple, kwargs: dict[str, Any], entry: CacheEntry | None,
+           dims: dict[str, Any] | None = None) -> fx.GraphModule:
     """The model exported in one piece (from the capture cache when ``entry`` holds a program that still
     reproduces the model's output)."""
     found = entry.load(model, args, kwargs) if entry is not None else None
@@ -150,7 +153,7 @@ def _whole(model: nn.Module, args: tuple, kwargs: dict[str, Any], entry: CacheEn
         if reproduces(gm, model, args, kwargs):
             return gm
         entry.drop()
-    program = export_program(model, args, kwargs)
+    program = export_program(model, args, kwargs, dims)
     if entry is not None:
         entry.store(program, {}, model)
     return program.module()

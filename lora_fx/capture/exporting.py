@@ -22,8 +22,11 @@ from ..errors import CaptureError
 from .experts import traceable_experts
 
 
-def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
-    """``torch.export.export(strict=False)`` with ``Dim.AUTO`` on every tensor dimension; CaptureError on failure."""
+def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any],
+                   dims: dict[str, Any] | None = None) -> torch.export.ExportedProgram:
+    """``torch.export.export(strict=False)`` with ``Dim.AUTO`` on every tensor dimension, or, for the arguments
+    ``dims`` names, its dynamic shapes (``Dim("batch", min=1)``: a range that takes in size 1 too); CaptureError on
+    failure."""
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
     except TypeError as e:
@@ -31,7 +34,7 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tor
     try:
         with no_kv_cache(model, kwargs), _quiet_specialisation(), traceable_experts(model), \
                 _explicit_keywords(model, bound) as bound:
-            dynamic = {name: _auto_dims(value) for name, value in bound.items()}
+            dynamic = {name: (dims or {}).get(name, _auto_dims(value)) for name, value in bound.items()}
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
     except Exception as e:
         raise CaptureError(

@@ -1,17 +1,19 @@
-"""Generation with adapters: a prefill graph and a one-token decode graph over a static KV cache, derived from
-the same adapter store as the training graph.
+"""Generation with adapters: one graph of the causal LM over a static KV cache, derived from the same adapter store
+as the training graph, serving the prefill and every decode step, for every batch size.
 
-``CachedStep`` wraps the Hugging Face causal LM with a ``StaticCache`` it owns (buffers of shape
-``[batch, heads, cache_len, head_dim]``)::
+``CachedStep`` wraps the Hugging Face causal LM with a ``StaticCache`` whose tensors the caller owns and passes in
+(``[batch, heads, cache_len, head_dim]`` per layer, written in place)::
 
-    logits[B, V] = step(input_ids[B, T], attention_mask[B, cache_len], position_ids[B, T], start[1])
+    logits[B, V] = step(input_ids[B, T], attention_mask[B, cache_len], position_ids[B, T], start[1], *kv)
 
 ``start`` is where the T new tokens are written in the cache; ``attention_mask`` covers the whole cache (zeros for
-left padding and for slots not written yet). Two graphs are captured per (batch, cache length): prefill (T
-dynamic, T >= 2) and decode (T = 1). Each is derived from its pristine capture with the LoraModel's adapter
-state (``passes.derive``) and re-derived lazily after any change (a training step needs none: the graphs read
-the store's parameters). The cache length is the prompt plus the new tokens, rounded up to a multiple of 64
-(so several calls share graphs) and capped at the model's ``max_position_embeddings``.
+left padding and for slots not written yet). One graph is captured per cache length, with the batch B >= 1 and
+the token count 1 <= T <= cache_len dynamic: the prompt (T tokens) and each new token (T = 1) run through it. It
+is derived from its pristine capture with the LoraModel's adapter state (``passes.derive``) and re-derived lazily
+after any change (a training step needs none: the graph reads the store's parameters). The cache length is the
+prompt plus the new tokens, rounded up to a multiple of 64 (so several calls share a graph) and capped at the
+model's ``max_position_embeddings``; a shorter generation (down to half) runs in a longer cache already captured.
+The same graph, exported, is what ``lora_fx.package_generation`` compiles ahead of time.
 
 Example::
 
@@ -25,8 +27,8 @@ import inspect
 
 import torch
 from torch import fx, nn
+from torch.export import Dim
 
-from ..adapters.store import BASE
 from ..capture import Captured, capture
 from ..capture.exporting import share_parameters
 from ..capture.signatures import rekey
@@ -37,31 +39,50 @@ PREFIX = "model."  # CachedStep holds the causal LM as ``model``
 
 
 class CachedStep(nn.Module):
-    """The causal LM with a static KV cache it owns; returns the last position's logits."""
+    """The causal LM over a static KV cache the caller passes in (``*kv``: each layer's keys and values, written in
+    place at ``start``); returns the last position's logits."""
 
-    def __init__(self, model: nn.Module, batch: int, cache_len: int) -> None:
+    def __init__(self, model: nn.Module, cache_len: int) -> None:
         super().__init__()
         from transformers import StaticCache
 
-        self.model = model
+        self.model, self.cache_len = model, cache_len
         self.cache = StaticCache(config=unwindowed(model.config, cache_len), max_cache_len=cache_len)
         params = inspect.signature(model.forward).parameters  # transformers >= 5.2x: "cache"; before: the old name
         self.cache_argument = "cache" if "cache" in params else "past_key_values"
         device = next(model.parameters()).device
-        ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        with torch.no_grad():  # the cache's layers allocate their tensors on first use; export needs them up front
-            self(ids, torch.ones(batch, cache_len, dtype=torch.long, device=device), ids, ids[0])
-        for i, layer in enumerate(self.cache.layers):
-            self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
-            self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
-            self.register_buffer(f"cache_length_{i}", layer.cumulative_length, persistent=False)
+        ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        with torch.no_grad():  # the cache's layers allocate their tensors on first use: their layouts
+            self.model(input_ids=ids, attention_mask=torch.ones(1, cache_len, dtype=torch.long, device=device),
+                       position_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_argument: self.cache})
+        self.layouts = [(tuple(t.shape[1:]), t.dtype) for layer in self.cache.layers for t in (layer.keys,
+                                                                                                 layer.values)]
 
-    def forward(self, input_ids, attention_mask, position_ids, start):
-        for layer in self.cache.layers:
-            layer.cumulative_length.copy_(start[0])
+    def forward(self, input_ids, attention_mask, position_ids, start, *kv):
+        for i, layer in enumerate(self.cache.layers):
+            layer.keys, layer.values = kv[2 * i], kv[2 * i + 1]
+            layer.cumulative_length = start[0].clone()
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=1, **{self.cache_argument: self.cache})
         return out.logits[:, -1]
+
+    def example_inputs(self, batch: int = 2, tokens: int = 2) -> tuple[torch.Tensor, ...]:
+        device = next(self.model.parameters()).device
+        ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+        mask = torch.ones(batch, self.cache_len, dtype=torch.long, device=device)
+        return (ids, mask, ids.clone(), torch.zeros(1, dtype=torch.long, device=device),
+                *new_cache(self.layouts, batch, device))
+
+    def dims(self) -> dict:
+        """Dynamic shapes: the batch (any size from 1) and the new tokens (1 to the cache length)."""
+        batch, tokens = Dim("batch", min=1), Dim("tokens", min=1, max=self.cache_len)
+        return {"input_ids": {0: batch, 1: tokens}, "attention_mask": {0: batch},
+                "position_ids": {0: batch, 1: tokens}, "start": None, "kv": tuple({0: batch} for _ in self.layouts)}
+
+
+def new_cache(layouts: list, batch: int, device) -> list[torch.Tensor]:
+    """An empty KV cache for ``batch`` rows: one zero tensor per layer's keys and values."""
+    return [torch.zeros((batch, *shape), dtype=dtype, device=device) for shape, dtype in layouts]
 
 
 WINDOWS = ("sliding_window", "attention_chunk_size")  # config fields of windowed attention (sliding, chunked)
@@ -127,29 +148,24 @@ def cache_length(model: nn.Module, prompt: int, new: int) -> int:
     return min(bucket, limit) if limit is not None else bucket
 
 
-def graphs_for(lm, batch: int, cache_len: int):
-    """The entry of this size: its prefill and decode captures (one ``CachedStep``: they share its KV cache),
-    captured once, derived together for the committed state."""
-    def capture_steps() -> tuple[Captured, Captured]:
+def graphs_for(lm, cache_len: int):
+    """The entry of this cache length: its one capture (``CachedStep``, batch and token count dynamic), captured
+    once, derived for the committed state (``entry.caps[0].layouts``: the KV cache tensors it takes)."""
+    def capture_step() -> Captured:
         model = lm.state.captured.source
         was = model.training
         try:
-            step = CachedStep(model, batch, cache_len).eval()  # generation graphs never drop out
+            step = CachedStep(model, cache_len).eval()  # generation graphs never drop out
         except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as e:
             raise CaptureError(f"a static KV cache cannot hold {type(model).__name__}'s cache ({type(e).__name__}: "
                                f"{str(e)[:120]})") from e
-        device = next(model.parameters()).device
-        mask = torch.ones(batch, cache_len, dtype=torch.long, device=device)
-        start = torch.zeros(1, dtype=torch.long, device=device)
-        ids2 = torch.zeros(batch, 2, dtype=torch.long, device=device)
         try:
-            prefill = capture(step, (ids2, mask, ids2.clone(), start), templates=False)
-            ids1 = ids2[:, :1]
-            decode = capture(step, (ids1, mask, ids1.clone(), start), templates=False)
+            cap = capture(step, step.example_inputs(), templates=False, dims=step.dims())
         finally:
             model.train(was)
-        return _rekey(prefill, lm), _rekey(decode, lm)
-    return lm.derived(("generate", batch, cache_len), capture_steps, prefix=PREFIX)
+        cap.layouts = step.layouts
+        return _rekey(cap, lm)
+    return lm.derived(("generate", cache_len), capture_step, prefix=PREFIX)
 
 
 def _rekey(cap: Captured, lm) -> Captured:
@@ -162,7 +178,9 @@ def _rekey(cap: Captured, lm) -> Captured:
 
 
 def run_step(entry, which: str, args: tuple, route: dict, compile_options: dict | None) -> torch.Tensor:
-    gm: fx.GraphModule = entry.caps[0 if which == "prefill" else 1].graph_module
+    """The entry's graph on ``args``, eager, or compiled once per ``which`` ("prefill": dynamic token count,
+    "decode": one token, specialised)."""
+    gm: fx.GraphModule = entry.caps[0].graph_module
     if compile_options is None:
         return gm(*args, **route)
     if which not in entry.extra:
@@ -190,42 +208,32 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, m
     eos = _eos_ids(model, eos_token_id)
     pad = pad_token_id if pad_token_id is not None else getattr(model.generation_config, "pad_token_id", None)
     pad = pad if pad is not None else (eos[0] if eos else 0)
-    size = reusable(lm, batch, cache_len) or (batch, cache_len)
-    entry = graphs_for(lm, *size)
-    extra = size[0] - batch
-    if extra:  # a captured batch up to twice this one: rows of one pad token each, finished from the start
-        input_ids = torch.cat([input_ids, input_ids.new_full((extra, prompt), pad)])
-        dummy = mask.new_zeros((extra, prompt))
-        dummy[:, -1] = 1
-        mask = torch.cat([mask, dummy])
-        adapter_names = None if adapter_names is None else [*adapter_names, *[BASE] * extra]
-    with entry.lock:  # one generation at a time per entry: it owns the KV cache
-        out = lm.run_state(entry, lambda: _loop(lm, input_ids, mask, entry, size[1], max_new_tokens, sampling, eos,
-                                                pad, lm.route_kwargs(adapter_names), batch))
-    return out[:batch]
+    entry = graphs_for(lm, reusable(lm, cache_len) or cache_len)
+    return lm.run_state(entry, lambda: _loop(lm, input_ids, mask, entry, max_new_tokens, sampling, eos, pad,
+                                             lm.route_kwargs(adapter_names)))
 
 
-def reusable(lm, batch: int, cache_len: int) -> tuple[int, int] | None:
-    """The smallest captured (batch, cache length) that can serve this call without a capture: at least as large,
-    at most twice (more rows or cache slots cost compute on every step)."""
-    sizes = [key[1:] for key in lm.derived_keys if isinstance(key, tuple) and key[0] == "generate"]
-    fits = [(b, c) for b, c in sizes if batch <= b <= 2 * batch and cache_len <= c <= 2 * cache_len]
-    return min(fits, key=lambda s: s[0] * s[1]) if fits else None
+def reusable(lm, cache_len: int) -> int | None:
+    """The shortest captured cache length that can serve this call without a capture: at least as long, at most
+    twice (more cache slots cost compute on every step)."""
+    sizes = [key[1] for key in lm.derived_keys if isinstance(key, tuple) and key[0] == "generate"]
+    fits = [c for c in sizes if cache_len <= c <= 2 * cache_len]
+    return min(fits) if fits else None
 
 
-def _loop(lm, input_ids, mask, entry, cache_len, max_new_tokens, sampling, eos, pad, route,
-          rows: int) -> torch.Tensor:
+def _loop(lm, input_ids, mask, entry, max_new_tokens, sampling, eos, pad, route) -> torch.Tensor:
     batch, prompt = input_ids.shape
+    cache_len = entry.key[1]
     options = lm.state.options.compile_options
     options = dict(options) if options is not None else None
+    kv = new_cache(entry.caps[0].layouts, batch, input_ids.device)  # this call's own cache: calls may run side by side
     full = torch.zeros(batch, cache_len, dtype=torch.long, device=input_ids.device)
     full[:, :prompt] = mask
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # Hugging Face's positions under left padding
     with torch.no_grad():
-        args = (input_ids, full, positions, _start(0, input_ids))
+        args = (input_ids.contiguous(), full, positions, _start(0, input_ids), *kv)
         logits = run_step(entry, "prefill" if prompt > 1 else "decode", args, route, options)
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        done[rows:] = True  # padding rows of a larger captured batch
         new = []
         for i in range(max_new_tokens):
             token = next_tokens(logits, sampling)
@@ -238,7 +246,7 @@ def _loop(lm, input_ids, mask, entry, cache_len, max_new_tokens, sampling, eos, 
             at = prompt + i
             full[:, at] = 1
             positions = positions[:, -1:] + 1
-            logits = run_step(entry, "decode", (token[:, None], full, positions, _start(at, input_ids)), route,
+            logits = run_step(entry, "decode", (token[:, None], full, positions, _start(at, input_ids), *kv), route,
                               options)
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
 

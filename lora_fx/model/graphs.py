@@ -25,12 +25,12 @@ from ..capture.blocks import Block
 from ..errors import AdapterError, LoraFxError
 from ..passes import build, install
 from ..passes.fold import HOLDER
-from .transaction import Fresh, SimpleLock, Transaction
+from .transaction import Fresh, Transaction
 
 
 @dataclass
 class Entry:
-    """Captures derived together (generation's prefill and decode share a KV cache and a state version)."""
+    """Captures derived together for one state version (a call signature's graph, generation's cached step)."""
 
     caps: tuple[Any, ...]  # capture.Captured
     key: Hashable = None
@@ -39,7 +39,6 @@ class Entry:
     version: int = -1  # the state's ``derived`` version they follow (-1: never derived)
     extra: dict[str, Any] = field(default_factory=dict)  # what belongs to this derivation (compiled steps)
     records: list = field(default_factory=list)  # the passes' records of the last derivation
-    lock: Any = field(default_factory=SimpleLock)  # held by a user of state the captures keep (a KV cache)
 
     @property
     def cap(self) -> Any:

@@ -21,7 +21,7 @@ def main() -> int:
                          ("generate.py", rounds),
                          ("ecosystem.py", rounds), ("many_adapters.py", rounds),
                          ("qlora.py", rounds), ("fused_loss.py", rounds), ("moe.py", rounds),
-                         ("deploy.py", rounds), ("variants.py", rounds)]:
+                         ("deploy.py", rounds), ("deploy_generate.py", rounds), ("variants.py", rounds)]:
         print(f"\n=== {script} ===", flush=True)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-W", "ignore", str(HERE / script), *args], check=True)

@@ -2,7 +2,7 @@
 
 from .api import from_peft, lorafy
 from .capture.disk import clear_capture_cache
-from .deploy import compile, export, package, swap_adapter
+from .deploy import PackagedGenerator, compile, export, package, package_generation, swap_adapter
 from .distributed import fully_shard
 from .errors import AdapterError, CaptureError, CheckpointError, LoraFxError, MergeError, RuleError, RuleWarning
 from .model import LoraModel
@@ -14,7 +14,8 @@ from .variants.eva import get_eva_state_dict, initialize_lora_eva_weights
 from .variants.loraga import preprocess_loraga
 
 __all__ = [
-    "lorafy", "from_peft", "compile", "export", "package", "swap_adapter", "fully_shard", "clear_capture_cache",
+    "lorafy", "from_peft", "compile", "export", "package", "package_generation", "PackagedGenerator", "swap_adapter",
+    "fully_shard", "clear_capture_cache",
     "preprocess_loraga", "preprocess_corda", "create_arrow_model", "get_eva_state_dict", "initialize_lora_eva_weights",
     "Rule", "RuleSet",
     "LoraModel", "RewriteReport",

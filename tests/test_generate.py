@@ -140,18 +140,19 @@ def test_report_says_the_original_model_does_not_see_unmerged_adapters():
     assert "the original model's own generate() does not see unmerged adapters" in str(lm.report())
 
 
-def test_a_short_sliding_window_generates_peft_tokens_within_it_and_names_it_past_it():
-    """Within the window the static cache never slides, so generation equals PEFT's; past it the error names the
-    window (Mistral's default 4096-token window: test_generation_zoo)."""
-    sliding_window = 24
+def test_a_short_sliding_window_generates_peft_tokens_within_it_and_past_it():
+    """Within the window the static cache never slides: the graph's tokens equal PEFT's; past it lm.generate says
+    so once and runs the model's own generate (its sliding cache) with the adapters attached: PEFT's tokens again.
+    (Mistral's default 4096-token window: test_generation_zoo.)"""
     import copy
+    import warnings
 
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
     model = MistralForCausalLM(MistralConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=96, max_position_embeddings=256, sliding_window=sliding_window)).eval()
+        vocab_size=96, max_position_embeddings=256, sliding_window=24)).eval()
     ids, mask = _padded_batch()
     lm = lora_fx.lorafy(copy.deepcopy(model), Rule(["q_proj", "v_proj"], r=8, init=False), example_inputs=(ids,))
     from peft import LoraConfig, get_peft_model
@@ -163,11 +164,17 @@ def test_a_short_sliding_window_generates_peft_tokens_within_it_and_names_it_pas
             layer = pm.base_model.model.get_submodule(key)
             layer.lora_A["default"].weight.copy_(unit.lora_A)
             layer.lora_B["default"].weight.copy_(unit.lora_B)
-    ours = lm.generate(ids, attention_mask=mask, max_new_tokens=16, pad_token_id=0)
-    theirs = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
-    assert torch.equal(ours, theirs)
-    with pytest.raises(AdapterError, match="window of 24 tokens"):
-        lm.generate(ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0)
+    for new in (16, 40):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours = lm.generate(ids, attention_mask=mask, max_new_tokens=new, pad_token_id=0)
+        theirs = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours, theirs), new
+        said = [str(w.message) for w in caught if "window of 24 tokens" in str(w.message)]
+        assert len(said) == (new == 40), said
+    lm.build_adapter_bank()
+    with pytest.raises(lora_fx.CaptureError, match="window of 24 tokens"):  # per-row adapters need the graph
+        lm.generate(ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0, adapter_names=["default"] * 4)
 
 
 def test_every_batch_size_and_prompt_length_runs_in_one_captured_graph():

@@ -1,6 +1,7 @@
-"""AOTInductor packages (three builds of ~15 s: an unmerged LoraModel, shared module-wide; a merged one by the
-command line; a routed one): run in a fresh process that never imports lora_fx, adapters swapped into a loaded
-package without compiling, and a killed packaging that leaves no file."""
+"""AOTInductor packages (five builds of ~15 s: an unmerged LoraModel, shared module-wide; a merged one by the
+command line; a routed one; two of lm.generate's graph, one-adapter and routed): run in a fresh process that never
+imports lora_fx, adapters swapped into a loaded package without compiling, and a killed packaging that leaves no
+file."""
 
 from __future__ import annotations
 
@@ -152,3 +153,65 @@ def test_a_routed_package_serves_an_adapter_per_row(tmp_path):
         lora_fx.deploy.route(tmp_path / "routed.pt2", ["c"])
     with pytest.raises(AdapterError, match="routed package"):
         lora_fx.swap_adapter(loaded, tmp_path / "routed.pt2", tmp_path)
+
+
+def _padded():
+    ids = torch.randint(1, 96, (4, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_a_generation_package_gives_lm_generates_tokens_without_lora_fx(tmp_path):
+    """lm.generate's graph packaged once serves any batch (greedy, left padding) in a process without lora_fx,
+    through the standalone runner; another adapter swaps into it without compiling."""
+    from lora_fx.generation import loop
+
+    lm, path = _lm(), tmp_path / "gen.pt2"
+    lora_fx.package_generation(lm, path, max_length=40)  # rounded up to a 64-token cache
+    ids, mask = _padded()
+    torch.save((ids, mask), tmp_path / "prompt.pt")
+    code = textwrap.dedent(f"""
+        import runpy, sys, torch
+        sys.modules["lora_fx"] = None  # any import of lora_fx fails
+        runner = runpy.run_path({loop.__file__!r})["PackagedGenerator"]({str(path)!r})
+        ids, mask = torch.load({str(tmp_path / 'prompt.pt')!r})
+        torch.save(runner.generate(ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0),
+                   {str(tmp_path / 'tokens.pt')!r})
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300)
+    assert torch.equal(torch.load(tmp_path / "tokens.pt"),
+                       lm.generate(ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0))
+    gen = lora_fx.PackagedGenerator(path)
+    assert gen.meta["cache_len"] == 64
+    assert torch.equal(gen.generate(ids[1:2], max_new_tokens=12), lm.generate(ids[1:2], max_new_tokens=12))
+    other = _lm(seed=3, r=2, alpha=6)
+    with torch.no_grad():
+        for _, unit in other.adapters.iter_units():
+            unit.lora_B.mul_(4)
+    other.save_pretrained(tmp_path / "other")
+    lora_fx.swap_adapter(gen.loaded, path, tmp_path / "other")
+    assert torch.equal(gen.generate(ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0),
+                       other.generate(ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0))
+    with pytest.raises(ValueError, match="cache of 64 tokens"):
+        gen.generate(ids, max_new_tokens=60)
+    with pytest.raises(AdapterError, match="max_length=500"):
+        lora_fx.package_generation(lm, tmp_path / "long.pt2", max_length=500)
+
+
+def test_a_routed_generation_package_generates_an_adapter_per_row(tmp_path):
+    lm = _lm()
+    lm.add_adapter("b", Rule(TARGETS, r=2, alpha=4, init=False))
+    with torch.no_grad():
+        for _, unit in lm.adapters.iter_units():
+            unit.lora_B.mul_(5)
+    lm.build_adapter_bank()
+    lora_fx.package_generation(lm, tmp_path / "routed.pt2", max_length=64)
+    gen = lora_fx.PackagedGenerator(tmp_path / "routed.pt2")
+    ids, names = _padded()[0][:3], ["b", "__base__", "default"]
+    got = gen.generate(ids, max_new_tokens=16, lora_route=lora_fx.deploy.route(tmp_path / "routed.pt2", names))
+    assert torch.equal(got, lm.generate(ids, max_new_tokens=16, adapter_names=names))
+    assert not torch.equal(got, lm.generate(ids, max_new_tokens=16, adapter_names=["default"] * 3))
+    with pytest.raises(ValueError, match="lora_route"):
+        gen.generate(ids, max_new_tokens=4)

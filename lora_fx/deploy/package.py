@@ -56,7 +56,7 @@ def package(module: nn.Module, path: str | os.PathLike, example_inputs: tuple = 
     path = Path(path)
     lora = hasattr(module, "adapters")  # a LoraModel (an exported graph module has no train()/eval())
     routed = lora and module.state.bank is not None and module.state.merge is None
-    manifest = _routed_manifest(module) if routed else _manifest(module) if lora else None
+    manifest = routed_manifest(module) if routed else adapter_manifest(module) if lora else None
     target, kwargs = module, dict(example_kwargs or {})
     if routed:  # its graph, with the per-row route as an input
         target = module.graph_module
@@ -73,21 +73,33 @@ def package(module: nn.Module, path: str | os.PathLike, example_inputs: tuple = 
     finally:
         if lora:
             module.train(was)
-    if manifest is not None:
-        fqns = {id(t): name for name, t in program.state_dict.items()}
-        for entry in manifest["units"]:
-            entry["a_constant"], entry["b_constant"] = fqns[entry.pop("a_id")], fqns[entry.pop("b_id")]
+    constant_names(manifest, program)
+    return write_package(program, path, {MANIFEST: manifest} if manifest is not None else {})
+
+
+def write_package(program: torch.export.ExportedProgram, path: Path, files: dict[str, dict]) -> Path:
+    """``program`` compiled by AOTInductor into the package ``path`` with ``files`` (name -> JSON) beside it in the
+    archive, through a temporary file (a killed build leaves no partial package)."""
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(tmp: str) -> None:
         with _bank_as_constants():
             torch._inductor.aoti_compile_and_package(program, package_path=tmp)
-        if manifest is not None:
-            with zipfile.ZipFile(tmp, "a") as archive:  # inside the archive's root folder, as the loader expects
-                root = archive.namelist()[0].split("/")[0]
-                archive.writestr(f"{root}/{MANIFEST}", json.dumps(manifest, indent=1))
+        with zipfile.ZipFile(tmp, "a") as archive:  # inside the archive's root folder, as the loader expects
+            root = archive.namelist()[0].split("/")[0]
+            for name, content in files.items():
+                archive.writestr(f"{root}/{name}", json.dumps(content, indent=1))
     os.replace(temp_write(path, write), path)
     return path
+
+
+def constant_names(manifest: dict[str, Any] | None, program: torch.export.ExportedProgram) -> None:
+    """Name each unit's A and B in ``manifest`` by the package constant that holds it (by identity until now)."""
+    if manifest is None:
+        return
+    fqns = {id(t): name for name, t in program.state_dict.items()}
+    for entry in manifest["units"]:
+        entry["a_constant"], entry["b_constant"] = fqns[entry.pop("a_id")], fqns[entry.pop("b_id")]
 
 
 @contextlib.contextmanager
@@ -100,7 +112,7 @@ def _bank_as_constants():
         yield
 
 
-def _routed_manifest(lm: Any) -> dict[str, Any]:
+def routed_manifest(lm: Any) -> dict[str, Any]:
     """A routed package's slots: row ``i`` runs adapter ``slots[route[i]]`` (``len(slots)``: the base)."""
     return {"routed": True, "route_input": ROUTE_INPUT, "slots": list(lm.state.bank.slots), "units": []}
 
@@ -117,7 +129,7 @@ def route(path: str | os.PathLike, adapter_names: list[str]) -> torch.Tensor:
     return torch.tensor([len(slots) if n == BASE else slots.index(n) for n in adapter_names], dtype=torch.long)
 
 
-def _manifest(lm: Any) -> dict[str, Any] | None:
+def adapter_manifest(lm: Any) -> dict[str, Any] | None:
     """Which package constant will hold which adapter tensor (by identity until export names them), for an
     unmerged LoraModel; None when its graph has no LoRA branch (merged, or no active adapter)."""
     state = lm.state

@@ -33,6 +33,7 @@ from ..capture import Captured, capture
 from ..capture.exporting import share_parameters
 from ..capture.signatures import rekey
 from ..errors import AdapterError, CaptureError
+from .loop import decode_loop, new_cache
 from .sampling import SamplingConfig, next_tokens
 
 PREFIX = "model."  # CachedStep holds the causal LM as ``model``
@@ -74,15 +75,23 @@ class CachedStep(nn.Module):
                 *new_cache(self.layouts, batch, device))
 
     def dims(self) -> dict:
-        """Dynamic shapes: the batch (any size from 1) and the new tokens (1 to the cache length)."""
-        batch, tokens = Dim("batch", min=1), Dim("tokens", min=1, max=self.cache_len)
-        return {"input_ids": {0: batch, 1: tokens}, "attention_mask": {0: batch},
-                "position_ids": {0: batch, 1: tokens}, "start": None, "kv": tuple({0: batch} for _ in self.layouts)}
+        return step_dims(self.cache_len, len(self.layouts))
 
 
-def new_cache(layouts: list, batch: int, device) -> list[torch.Tensor]:
-    """An empty KV cache for ``batch`` rows: one zero tensor per layer's keys and values."""
-    return [torch.zeros((batch, *shape), dtype=dtype, device=device) for shape, dtype in layouts]
+def step_dims(cache_len: int, kv: int, *, flat: bool = False, route: str | None = None) -> dict:
+    """Dynamic shapes of a step's inputs by name: the batch (any size from 1) and the new tokens (1 to the cache
+    length). ``flat``: the KV tensors as a captured graph names them (``kv_0``, ...), else one ``kv`` tuple;
+    ``route``: a routed graph's per-row adapter index input."""
+    batch, tokens = Dim("batch", min=1), Dim("tokens", min=1, max=cache_len)
+    dims = {"input_ids": {0: batch, 1: tokens}, "attention_mask": {0: batch}, "position_ids": {0: batch, 1: tokens},
+            "start": None}
+    if flat:
+        dims.update({f"kv_{i}": {0: batch} for i in range(kv)})
+    else:
+        dims["kv"] = tuple({0: batch} for _ in range(kv))
+    if route:
+        dims[route] = {0: batch}
+    return dims
 
 
 WINDOWS = ("sliding_window", "attention_chunk_size")  # config fields of windowed attention (sliding, chunked)
@@ -139,10 +148,9 @@ def cache_length(model: nn.Module, prompt: int, new: int) -> int:
     bucket = -(-need // 64) * 64
     w = window(model.config)
     if w is not None and need > w:
-        raise AdapterError(f"{type(model).__name__} attends over a window of {w} tokens and prompt length {prompt} + "
-                           f"max_new_tokens {new} = {need} exceeds it; lm.generate's static cache does not slide yet. "
-                           f"Keep prompt + max_new_tokens <= {w}, or merge (lm.merge()) and call the model's own "
-                           "generate.")
+        raise CaptureError(f"{type(model).__name__} attends over a window of {w} tokens and prompt length {prompt} + "
+                           f"max_new_tokens {new} = {need} exceeds it, past where the graph's static cache would "
+                           "have to slide")  # lm.generate falls back to the model's own generate (a sliding cache)
     if w is not None:  # stay within the window: the cache never slides (see ``unwindowed``)
         bucket = min(bucket, w)
     return min(bucket, limit) if limit is not None else bucket
@@ -205,12 +213,19 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, m
         raise AdapterError(f"attention_mask has shape {tuple(mask.shape)}; it must match input_ids "
                            f"{tuple(input_ids.shape)} (1 for tokens, 0 for left padding).")
     cache_len = cache_length(model, prompt, max_new_tokens)
-    eos = _eos_ids(model, eos_token_id)
+    eos = eos_ids(model, eos_token_id)
     pad = pad_token_id if pad_token_id is not None else getattr(model.generation_config, "pad_token_id", None)
     pad = pad if pad is not None else (eos[0] if eos else 0)
     entry = graphs_for(lm, reusable(lm, cache_len) or cache_len)
-    return lm.run_state(entry, lambda: _loop(lm, input_ids, mask, entry, max_new_tokens, sampling, eos, pad,
-                                             lm.route_kwargs(adapter_names)))
+    options = lm.state.options.compile_options
+    options = dict(options) if options is not None else None
+    route = lm.route_kwargs(adapter_names)
+
+    def step(which: str, *args: torch.Tensor) -> torch.Tensor:
+        return run_step(entry, which, args, route, options)
+    return lm.run_state(entry, lambda: decode_loop(step, input_ids, mask, entry.key[1], entry.caps[0].layouts,
+                                                   max_new_tokens, lambda logits: next_tokens(logits, sampling),
+                                                   eos, pad))
 
 
 def reusable(lm, cache_len: int) -> int | None:
@@ -221,41 +236,7 @@ def reusable(lm, cache_len: int) -> int | None:
     return min(fits) if fits else None
 
 
-def _loop(lm, input_ids, mask, entry, max_new_tokens, sampling, eos, pad, route) -> torch.Tensor:
-    batch, prompt = input_ids.shape
-    cache_len = entry.key[1]
-    options = lm.state.options.compile_options
-    options = dict(options) if options is not None else None
-    kv = new_cache(entry.caps[0].layouts, batch, input_ids.device)  # this call's own cache: calls may run side by side
-    full = torch.zeros(batch, cache_len, dtype=torch.long, device=input_ids.device)
-    full[:, :prompt] = mask
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # Hugging Face's positions under left padding
-    with torch.no_grad():
-        args = (input_ids.contiguous(), full, positions, _start(0, input_ids), *kv)
-        logits = run_step(entry, "prefill" if prompt > 1 else "decode", args, route, options)
-        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        new = []
-        for i in range(max_new_tokens):
-            token = next_tokens(logits, sampling)
-            token = torch.where(done, torch.full_like(token, pad), token)
-            new.append(token)
-            if eos:
-                done |= torch.isin(token, torch.tensor(eos, device=token.device))
-            if i == max_new_tokens - 1 or bool(done.all()):
-                break
-            at = prompt + i
-            full[:, at] = 1
-            positions = positions[:, -1:] + 1
-            logits = run_step(entry, "decode", (token[:, None], full, positions, _start(at, input_ids), *kv), route,
-                              options)
-    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
-
-
-def _start(at: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor([at], dtype=torch.long, device=like.device)
-
-
-def _eos_ids(model: nn.Module, eos_token_id) -> list[int]:
+def eos_ids(model: nn.Module, eos_token_id) -> list[int]:
     eos = eos_token_id if eos_token_id is not None else getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
         return []

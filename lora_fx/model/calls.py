@@ -60,8 +60,7 @@ class CallsMixin:
         if kwargs.get("use_cache") or kwargs.get("past_key_values") is not None:
             raise AdapterError("use_cache=True / past_key_values: lora_fx's forward graphs are captured without a KV "
                                "cache (the cache objects are not graph values); call lm(...) without them, and use "
-                               "lm.generate(...) for cached decoding (its prefill and decode graphs keep a static "
-                               "cache).")
+                               "lm.generate(...) for cached decoding (its graph runs over a static cache).")
         call = self._signature.bind(args, kwargs)
         key, mode = call_key(call), self.base_mode
         cap = self._state.captured
@@ -158,8 +157,8 @@ class CallsMixin:
         """Generate with the active adapters (unmerged or merged); returns what transformers' ``generate`` returns
         (the prompt plus the new tokens). Greedy and sampling (temperature, top-k, top-p; seed with
         ``torch.manual_seed``) with per-row EOS and padding, ``adapter_names`` (one per row, ``"__base__"``: none,
-        one batch through the adapter bank) and the default 20 new tokens run lora_fx's prefill/decode graphs over
-        a static KV cache (after ``lora_fx.compile(lm)``, compiled once and reused). Any other transformers argument
+        one batch through the adapter bank) and the default 20 new tokens run lora_fx's graph over a static KV
+        cache (after ``lora_fx.compile(lm)``, compiled once and reused). Any other transformers argument
         (``num_beams``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``, ``logits_processor``,
         ``stopping_criteria``, ``streamer``, ``return_dict_in_generate``, ...), a ``generation_config``, an
         encoder-decoder, or a model whose cache the graphs cannot hold (state-space and hybrid models) runs the

@@ -1,5 +1,5 @@
 """The one cache of derived graphs besides the training graph: a capture of the same model for another call
-signature, or generation's prefill and decode steps, each derived on demand from the LoraModel's state and
+signature, or generation's cached step, each derived on demand from the LoraModel's state and
 stamped with the version it was derived from (``LoraModel.derived``).
 
 The cache keeps at most ``capacity`` entries (``LORA_FX_GRAPH_CACHE``, default 32) and evicts the least recently

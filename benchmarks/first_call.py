@@ -3,7 +3,7 @@
 Each round runs three fresh processes on the issue's 4-layer tiny Llama (hidden 512), interleaved:
 - ``off``  (``LORA_FX_CAPTURE_CACHE=0``): the process's first ``lorafy``; then, in the same (now warm) process,
   ``lorafy`` of a second model, its first call with ``attention_mask`` (a new argument combination) and its first
-  ``generate`` (the prefill and decode graphs);
+  ``generate`` (the capture of its one graph);
 - ``cold`` (an empty cache folder): the process's first ``lorafy``, which also stores the capture;
 - ``warm`` (the folder ``cold`` filled): the same three times as ``off``, every capture read from the cache.
 PEFT's ``get_peft_model`` (same targets) is timed in the ``off`` process for reference.

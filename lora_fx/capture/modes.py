@@ -26,7 +26,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-_DROPOUT = nn.modules.dropout._DropoutNd
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 @contextlib.contextmanager

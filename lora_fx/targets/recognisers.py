@@ -236,7 +236,7 @@ def conv_module(ctx: Context, node: fx.Node) -> Target | Unsupported | None:
     if node.op != "call_module":
         return None
     m = ctx.module(node.target)
-    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+    if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         return Unsupported(node.target, "conv", node.name, "transposed convolutions are not supported")
     dims = _CONV_MODULES.get(type(m))
     if dims is None:

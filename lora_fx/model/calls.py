@@ -191,8 +191,9 @@ class CallsMixin:
                 return generate(self, input_ids, attention_mask, 20 if max_new_tokens is None else max_new_tokens,
                                 sampling, eos_token_id, pad_token_id, adapter_names)
             except CaptureError as e:
-                if adapter_names is not None:
-                    raise
+                if adapter_names is not None:  # the model's own generate has no per-row adapters
+                    raise CaptureError(f"adapter_names (one adapter per row) runs on lm.generate's graphs, which "
+                                       f"cannot run this call: {e}. Drop adapter_names or shorten the call.") from e
                 if not self._own_generate:
                     self._own_generate = True
                     warnings.warn(f"lm.generate: its static-cache graphs cannot run {type(model).__name__} "

@@ -13,6 +13,27 @@ import lora_fx
 from lora_fx import Rule
 
 
+def _nonzero_b(*models):
+    """The same nonzero B in PEFT's and lora_fx's copies (drawn by shape), so the branches act."""
+    with torch.no_grad():
+        for m in models:
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+
+
+def _same_loss_and_grads(pm, lm, ids, factors):
+    """The causal-LM loss of both models agrees, and so do the gradients of each unit's ``factors``."""
+    losses = [m(input_ids=ids, labels=ids).loss for m in (pm, lm)]
+    assert rel_err(losses[1], losses[0]) < 1e-6
+    for loss in losses:
+        loss.backward()
+    for key, unit in lm.adapters.units("default").items():
+        layer = pm.base_model.model.get_submodule(key)
+        for f in factors:
+            assert rel_err(getattr(unit, f).grad, getattr(layer, f)["default"].weight.grad) < 1e-5, (key, f)
+
+
 def test_kasa_equals_peft_from_truncation_to_checkpoints(tmp_path):
     """PEFT's KaSA: the same truncated base weights and draws at init, the same outputs, gradients and regularizer
     with nonzero B, merge, checkpoints both ways; the variant refuses what PEFT refuses."""
@@ -33,11 +54,7 @@ def test_kasa_equals_peft_from_truncation_to_checkpoints(tmp_path):
         assert torch.equal(unit.lora_diag, layer.lora_diag["default"]), key
         assert torch.equal(base.get_submodule(key).weight, layer.base_layer.weight), key  # W without its r minor
         assert not torch.equal(base.get_submodule(key).weight, model.get_submodule(key).weight)
-    with torch.no_grad():
-        for m in (pm, lm):
-            for name, p in m.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    _nonzero_b(pm, lm)
     losses = [m(ids, labels=ids).loss + (m.base_model._get_kasa_loss() if m is pm else m.variant_loss())
               for m in (pm, lm)]
     assert rel_err(losses[1], losses[0]) < 1e-6
@@ -103,11 +120,7 @@ def test_velora_gradients_and_projection_equal_peft(init_type, tmp_path):
     pm = get_peft_model(copy.deepcopy(model), config).train()
     torch.manual_seed(5)
     lm = lora_fx.lorafy(copy.deepcopy(model), config, example_inputs=(ids,)).train()
-    with torch.no_grad():
-        for m in (pm, lm):
-            for name, p in m.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    _nonzero_b(pm, lm)
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (pm, lm)]
     for step in range(2):
         for m, opt in zip((pm, lm), opts):
@@ -245,13 +258,7 @@ def test_alora_activates_after_the_invocation_as_peft(tmp_path):
     pm = get_peft_model(copy.deepcopy(model), config).eval()
     torch.manual_seed(1)
     lm = lora_fx.lorafy(copy.deepcopy(model), config, example_inputs=(ids,)).eval()
-    losses = [m(input_ids=ids, labels=ids).loss for m in (pm, lm)]
-    assert rel_err(losses[1], losses[0]) < 1e-6
-    for loss in losses:
-        loss.backward()
-    for key, unit in lm.adapters.units("default").items():
-        layer = pm.base_model.model.get_submodule(key)
-        assert rel_err(unit.lora_A.grad, layer.lora_A["default"].weight.grad) < 1e-5, key
+    _same_loss_and_grads(pm, lm, ids, ("lora_A",))
     with torch.no_grad():
         ours, base = lm(ids).logits, model(ids).logits
         assert rel_err(ours, pm(input_ids=ids).logits) < 1e-6
@@ -300,19 +307,8 @@ def test_qalora_equals_peft_and_merges_where_peft_cannot(tmp_path):
         assert type(layer).__name__ == "GPTQLoraLinear" and unit.lora_A.shape[1] == layer.in_features // 8
         assert torch.equal(unit.lora_A, layer.lora_A["default"].weight), key
         assert torch.equal(unit.lora_B, layer.lora_B["default"].weight), key
-    with torch.no_grad():
-        for m in (pm, lm):
-            for name, p in m.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
-    losses = [m(ids, labels=ids).loss for m in (pm, lm)]
-    assert rel_err(losses[1], losses[0]) < 1e-6
-    for loss in losses:
-        loss.backward()
-    for key, unit in lm.adapters.units("default").items():
-        layer = pm.base_model.model.get_submodule(key)
-        assert rel_err(unit.lora_A.grad, layer.lora_A["default"].weight.grad) < 1e-5, key
-        assert rel_err(unit.lora_B.grad, layer.lora_B["default"].weight.grad) < 1e-5, key
+    _nonzero_b(pm, lm)
+    _same_loss_and_grads(pm, lm, ids, ("lora_A", "lora_B"))
     pm.eval(), lm.eval()
     with torch.no_grad():
         want = pm(ids).logits

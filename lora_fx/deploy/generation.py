@@ -26,7 +26,7 @@ import torch
 
 from ..capture import export_program
 from ..errors import AdapterError, CaptureError
-from ..generation.generate import cache_length, check_causal_lm, eos_ids, graphs_for, step_dims
+from ..generation.generate import cache_length, check_causal_lm, eos_ids, graphs_for, pad_id, step_dims
 from ..generation.loop import MANIFEST as GENERATION_MANIFEST
 from ..generation.loop import new_cache
 from ..passes.derive import ROUTE_INPUT
@@ -63,12 +63,10 @@ def package_generation(lm: Any, path: str | os.PathLike, *, max_length: int = 25
     finally:
         lm.train(was)
     constant_names(adapters, program)
-    config = model.generation_config
     eos = eos_ids(model, None)
-    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     meta = {"cache_len": cache_len, "layouts": [[list(shape), str(dtype).removeprefix("torch.")]
                                                 for shape, dtype in layouts],
-            "eos": eos, "pad": int(pad), "routed": routed, "route_input": ROUTE_INPUT,
+            "eos": eos, "pad": pad_id(model, None, eos), "routed": routed, "route_input": ROUTE_INPUT,
             "model": type(model).__name__}
     files = {GENERATION_MANIFEST: meta, **({MANIFEST: adapters} if adapters is not None else {})}
     return write_package(program, Path(path), files)

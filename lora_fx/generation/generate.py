@@ -214,8 +214,7 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, m
                            f"{tuple(input_ids.shape)} (1 for tokens, 0 for left padding).")
     cache_len = cache_length(model, prompt, max_new_tokens)
     eos = eos_ids(model, eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else getattr(model.generation_config, "pad_token_id", None)
-    pad = pad if pad is not None else (eos[0] if eos else 0)
+    pad = pad_id(model, pad_token_id, eos)
     entry = graphs_for(lm, reusable(lm, cache_len) or cache_len)
     options = lm.state.options.compile_options
     options = dict(options) if options is not None else None
@@ -226,6 +225,12 @@ def generate(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, m
     return lm.run_state(entry, lambda: decode_loop(step, input_ids, mask, entry.key[1], entry.caps[0].layouts,
                                                    max_new_tokens, lambda logits: next_tokens(logits, sampling),
                                                    eos, pad))
+
+
+def pad_id(model: nn.Module, pad_token_id: int | None, eos: list[int]) -> int:
+    """The token finished rows are padded with: the given one, the model's generation config's, the first EOS, 0."""
+    pad = pad_token_id if pad_token_id is not None else getattr(model.generation_config, "pad_token_id", None)
+    return int(pad if pad is not None else (eos[0] if eos else 0))
 
 
 def reusable(lm, cache_len: int) -> int | None:
